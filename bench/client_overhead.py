@@ -1,0 +1,254 @@
+"""Client overhead: median training-step time bare vs instrumented, side by side in one run.
+
+    python bench/client_overhead.py               # MLP + small CNN on CPU; + ResNet-style and transformer on GPU
+    python bench/client_overhead.py --steps 300 --models mlp
+
+Prints, per model: bare and instrumented median step time (default settings, and every=1), their ratios,
+host synchronisations per step made by the client on the training thread (must be 0), and the client's
+extra device memory and host RSS. Targets: ratio <= 1.10 on CPU, <= 1.05 on GPU, 0 syncs per step.
+Bare and instrumented steps alternate in blocks so drift of the machine hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "client"))
+import layerwatch
+
+SYNCING = {
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+    torch.Tensor.cpu,
+    torch.Tensor.numpy,
+    torch.Tensor.__bool__,
+    torch.Tensor.__float__,
+    torch.Tensor.__int__,
+    torch.Tensor.nonzero,
+    torch.nonzero,
+    torch.Tensor.any,  # only when the result is read, but flagged anyway
+}
+
+
+class SyncCounter(TorchFunctionMode):
+    """Counts calls that read a tensor's value on the host (each would wait for the device)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in SYNCING:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    model = nn.Sequential(
+        nn.Linear(784, 1024),
+        nn.ReLU(),
+        nn.Linear(1024, 1024),
+        nn.ReLU(),
+        nn.Linear(1024, 512),
+        nn.ReLU(),
+        nn.Linear(512, 10),
+    )
+    return model, torch.randn(256, 784), torch.randint(0, 10, (256,))
+
+
+def small_cnn() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(64, 128, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(128, 10),
+    )
+    return model, torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+
+
+class Block(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + x)
+
+
+def resnet_style() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    layers: list[nn.Module] = [nn.Conv2d(3, 64, 3, padding=1), nn.ReLU()]
+    for channels in (64, 128, 256):
+        layers += [
+            nn.Conv2d(
+                layers[-2].out_channels if isinstance(layers[-2], nn.Conv2d) else channels // 2,
+                channels,
+                3,
+                stride=2,
+                padding=1,
+            ),
+            nn.ReLU(),
+            Block(channels),
+            Block(channels),
+        ]
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 100))
+    return model, torch.randn(128, 3, 64, 64), torch.randint(0, 100, (128,))
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, vocab: int = 8000, width: int = 512, depth: int = 6) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        layer = nn.TransformerEncoderLayer(width, 8, 4 * width, activation="gelu", batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, depth)
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(tokens))).flatten(0, 1)
+
+
+def transformer() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    tokens = torch.randint(0, 8000, (32, 256))
+    return TinyTransformer(), tokens, torch.randint(0, 8000, (32 * 256,))
+
+
+CPU_MODELS = {"mlp": mlp, "cnn": small_cnn}
+GPU_MODELS = {**CPU_MODELS, "resnet": resnet_style, "transformer": transformer}
+
+
+def sync_now(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_steps(model, opt, x, y, n: int, mon=None, counter: SyncCounter | None = None) -> list[float]:
+    device = x.device
+    loss_fn = nn.CrossEntropyLoss()
+    times = []
+    for _ in range(n):
+        sync_now(device)
+        start = time.perf_counter()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        if mon is not None:
+            if counter is not None:
+                with counter:
+                    mon.step(loss=loss, lr=0.01)
+            else:
+                mon.step(loss=loss, lr=0.01)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync_now(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def bench_model(name: str, build, device: torch.device, steps: int, block: int, spool: str) -> None:
+    torch.manual_seed(0)
+    model, x, y = build()
+    model, x, y = model.to(device), x.to(device), y.to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    timed_steps(model, opt, x, y, 5)  # warm-up: allocator, kernels, autotuning
+    results: dict[str, list[float]] = {"bare": [], "every=10": [], "every=1": []}
+    monitors = {
+        "every=10": layerwatch.watch(model, run_name=f"bench-{name}", mode="offline", spool_dir=spool),
+    }
+    mem_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    rss_before = rss_mb()
+    timed_steps(model, opt, x, y, 20, monitors["every=10"])  # discover layers, allocate buffers
+    extra_device_mb = (torch.cuda.memory_allocated(device) - mem_before) / 2**20 if device.type == "cuda" else 0.0
+    monitors["every=10"].close()
+    monitors["every=1"] = layerwatch.watch(model, run_name=f"bench-{name}-1", mode="offline", spool_dir=spool, every=1)
+    monitors["every=10"] = layerwatch.watch(model, run_name=f"bench-{name}", mode="offline", spool_dir=spool)
+    # Alternate blocks; a monitor not being measured is paused by detaching its hooks.
+    rounds = max(steps // block, 1)
+    for _ in range(rounds):
+        for label in results:
+            mon = monitors.get(label)
+            for other_label, other in monitors.items():
+                if other_label != label:
+                    other.recorder.detach()
+            if mon is not None:
+                mon.recorder.detach()
+                mon.recorder.attach(_watched(model, mon))
+            results[label] += timed_steps(model, opt, x, y, block, mon)
+    counter = SyncCounter()
+    monitors["every=10"].recorder.detach()
+    monitors["every=10"].recorder.attach(_watched(model, monitors["every=10"]))
+    with counter:
+        timed_steps(model, opt, x, y, 20, monitors["every=10"])
+    syncs_per_step = counter.count / 20
+    rss_after = rss_mb()
+    for mon in monitors.values():
+        mon.close()
+    bare = statistics.median(results["bare"])
+    cells = [f"{name:12s}", f"bare {bare * 1e3:8.2f} ms"]
+    for label in ("every=10", "every=1"):
+        t = statistics.median(results[label])
+        cells.append(f"{label} {t * 1e3:8.2f} ms (x{t / bare:.3f})")
+    cells += [
+        f"syncs/step {syncs_per_step:.1f}",
+        f"+device {extra_device_mb:.2f} MB",
+        f"+RSS {rss_after - rss_before:.1f} MB",
+    ]
+    print(" | ".join(cells), flush=True)
+    del model, opt
+    gc.collect()
+
+
+def _watched(model, mon):
+    from layerwatch.layers import select
+
+    cfg = mon.config
+    return list(select(model, None, cfg.include, cfg.exclude, cfg.sat_margin))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=150, help="measured steps per variant")
+    parser.add_argument("--block", type=int, default=10, help="steps per alternating block")
+    parser.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(GPU_MODELS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    available = GPU_MODELS if device.type == "cuda" else CPU_MODELS
+    names = args.models.split(",") if args.models else list(available)
+    print(
+        f"layerwatch {layerwatch.__version__} | torch {torch.__version__} | device {device}"
+        f" ({torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{torch.get_num_threads()} threads'})"
+    )
+    with tempfile.TemporaryDirectory() as spool:
+        for name in names:
+            bench_model(name, available[name], device, args.steps, args.block, spool)
+
+
+if __name__ == "__main__":
+    main()

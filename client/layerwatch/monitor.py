@@ -1,0 +1,304 @@
+"""The monitor a training loop holds: ``step()`` after backward, ``close()`` at the end."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import re
+import socket
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from layerwatch import __version__, stats
+from layerwatch.alerts import Alert
+from layerwatch.config import Config
+from layerwatch.distributed import MaskReducer, rank_and_world, run_key
+from layerwatch.exporter import Exporter
+from layerwatch.layers import select, unwrap
+from layerwatch.recorder import Recorder
+from layerwatch.report import Report, StepMeta
+from layerwatch.spool import Spool
+
+log = logging.getLogger("layerwatch")
+
+
+class Monitor:
+    """Hooks a model, reduces its statistics on the device each step, and reports every ``every`` steps.
+
+    Nothing here waits for the device or the network: ``step()`` enqueues a few reductions and, once per
+    report, one device-to-host copy; a background thread does the rest.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: Config,
+        on_alert: Callable[[Alert], Any] | None = None,
+        run_config: dict[str, Any] | None = None,
+        types: Sequence[type[nn.Module]] | None = None,
+    ) -> None:
+        self.config = config
+        self.on_alert = on_alert
+        self._closed = config.mode == "disabled"
+        self._alerts: dict[str, Alert] = {}
+        self._new_alerts: deque[Alert] = deque()
+        self._alerts_lock = threading.Lock()
+        self._next_step = 0
+        self._window_pos = 0
+        self._steps: list[StepMeta] = []
+        self._step_tensors: list[torch.Tensor] = []
+        self._dead: list[tuple[int, list[bool], torch.Tensor]] = []
+        self._failed = False
+        if self._closed:
+            return
+
+        inner = unwrap(model)
+        self.rank, self.world_size = rank_and_world()
+        self.run_key = run_key(config.run_key)
+        self.run_name = config.run_name or self.run_key
+        self.recorder = Recorder(config.every, config.eps)
+        watched = list(select(inner, types, config.include, config.exclude, config.sat_margin))
+        self.recorder.attach(watched)
+        self._params = [(n, p) for n, p in inner.named_parameters() if p.requires_grad] if config.watch_params else []
+        self._param_numel = [p.numel() for _, p in self._params]
+        self._reducer = MaskReducer()
+        self.spool_dir = config.spool_dir / _safe(config.project) / _safe(self.run_key) / f"rank-{self.rank}"
+        summary = {
+            "model": type(inner).__name__,
+            "parameters": sum(p.numel() for p in inner.parameters()),
+            "trainable_parameters": sum(self._param_numel),
+            "watched_modules": len(watched),
+            "every": config.every,
+            "window": config.window_steps,
+            "eps": config.eps,
+            "sat_margin": config.sat_margin,
+            "layerwatch": __version__,
+            "torch": torch.__version__,
+            "hparams": run_config or {},
+        }
+        header = {
+            "run": {
+                "key": self.run_key,
+                "name": self.run_name,
+                "project": config.project,
+                "world_size": self.world_size,
+                "config": summary,
+            },
+            "rank": self.rank,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+        params = [
+            {"index": i, "name": n, "shape": list(p.shape), "numel": p.numel()} for i, (n, p) in enumerate(self._params)
+        ]
+        self._exporter = Exporter(
+            header,
+            params,
+            Spool(self.spool_dir, int(config.spool_max_mb * 1024 * 1024)),
+            url=config.url if config.mode == "online" else None,
+            token=config.token,
+            timeout=config.timeout,
+            max_queued_batches=config.max_queued_batches,
+            max_backoff=config.max_backoff,
+            on_response=self._on_response,
+        )
+        me = weakref.ref(self)
+        atexit.register(_close_at_exit, me)
+        os.register_at_fork(after_in_child=lambda: _forget_in_child(me))
+        where = config.url if config.mode == "online" else f"the spool at {self.spool_dir}"
+        log.info("layerwatch: watching %d modules of %s, reporting to %s", len(watched), summary["model"], where)
+
+    # -- the training loop's calls ----------------------------------------------------------------------
+    def step(
+        self,
+        loss: torch.Tensor | float | None = None,
+        lr: float | torch.Tensor | None = None,
+        step: int | None = None,
+        **scalars: torch.Tensor | float,
+    ) -> None:
+        """Record one optimisation step. Call after ``backward()`` and before ``zero_grad()``."""
+        if self._closed:
+            return
+        self._dispatch_alerts()
+        if self._failed:
+            return
+        try:
+            self._record_step(loss, lr, step, scalars)
+        except Exception:
+            self._failed = True
+            self.recorder.failed = True
+            log.exception("layerwatch: monitoring disabled after an internal error; training continues")
+
+    def _record_step(self, loss, lr, step, scalars) -> None:
+        number = self._next_step if step is None else int(step)
+        self._next_step = number + 1
+        meta = StepMeta(step=number, time=time.time(), calls=self.recorder.current)
+        tensors: list[torch.Tensor] = []
+        if self._params:
+            present = [(i, p) for i, (_, p) in enumerate(self._params) if p.grad is not None]
+            if present:
+                meta.params = [i for i, _ in present]
+                weights = [p.detach() for _, p in present]
+                tensors.append(stats.param_raw(weights, [p.grad.detach() for _, p in present]))
+        for name, value in {"loss": loss, "lr": lr, **scalars}.items():
+            if value is None:
+                continue
+            if isinstance(value, torch.Tensor):
+                if value.numel() != 1:
+                    raise ValueError(f"step({name}=...) takes a scalar, got a tensor of shape {tuple(value.shape)}")
+                tensors.append(value.detach().reshape(1).float())
+                meta.tensor_scalars.append(name)
+            else:
+                meta.host_scalars[name] = float(value)
+        self.recorder.end_step()
+        self._steps.append(meta)
+        self._step_tensors.extend(tensors)
+        self._window_pos += 1
+        if self._window_pos >= self.config.window_steps:
+            self._close_window()
+        if len(self._steps) >= self.config.every:
+            self._report()
+
+    def _close_window(self) -> None:
+        self._window_pos = 0
+        dead, called = self.recorder.dead_fractions(self._reducer)
+        if dead is not None and self._steps:
+            self._dead.append((len(self._steps) - 1, called, dead))
+
+    def _report(self, end: str | None = None) -> None:
+        """Pack the interval into one buffer, start its copy to the host, hand it to the exporter."""
+        raw = self.recorder.take_raw()
+        parts = ([raw] if raw is not None else []) + [d for _, _, d in self._dead] + self._step_tensors
+        flat, ready = None, None
+        if parts:
+            device = parts[0].device
+            flat = torch.cat([p.to(device, non_blocking=True) for p in parts])
+            flat, ready = _to_host(flat)
+        layers = self.recorder.layers
+        self._exporter.submit(
+            Report(
+                steps=self._steps,
+                layers=[layer.describe() for layer in layers],
+                bounded=[layer.spec.sat is not None for layer in layers],
+                dead_windows=[(pos, called) for pos, called, _ in self._dead],
+                param_numel=self._param_numel,
+                flat=flat,
+                ready=ready,
+                end=end,
+            )
+        )
+        self._steps, self._step_tensors, self._dead = [], [], []
+
+    # -- alerts -------------------------------------------------------------------------------------------
+    @property
+    def alerts(self) -> list[Alert]:
+        """The run's alerts as last returned by the collector (latest state of each)."""
+        with self._alerts_lock:
+            return list(self._alerts.values())
+
+    def _on_response(self, body: dict[str, Any]) -> None:  # sender thread
+        for data in body.get("alerts") or []:
+            if not isinstance(data, dict):
+                continue
+            alert = Alert.from_dict(data)
+            with self._alerts_lock:
+                if self._alerts.get(alert.id) != alert:
+                    self._alerts[alert.id] = alert
+                    self._new_alerts.append(alert)
+
+    def _dispatch_alerts(self) -> None:
+        """Callbacks run here, on the training thread, so they may checkpoint or raise to stop training."""
+        while self._new_alerts:
+            alert = self._new_alerts.popleft()
+            if self.on_alert is not None:
+                self.on_alert(alert)
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def close(self, status: str = "finished") -> None:
+        """Flush the last partial interval, mark the run ended, remove every hook. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if not self._failed and self._window_pos:
+                self._close_window()
+            self._report(end=status)
+        except Exception:
+            log.exception("layerwatch: could not send the last report")
+        finally:
+            self.recorder.detach()
+            self._exporter.close(self.config.flush_timeout)
+            self._dispatch_alerts_quietly()
+
+    def _dispatch_alerts_quietly(self) -> None:
+        try:
+            self._dispatch_alerts()
+        except Exception:
+            log.exception("layerwatch: an on_alert callback raised during close()")
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Delivery counters: batches delivered, reports dropped, bytes waiting in the spool."""
+        if self.config.mode == "disabled":
+            return {}
+        exporter = self._exporter
+        return {
+            "delivered_batches": exporter.delivered,
+            "dropped_reports": exporter.dropped_reports,
+            "dropped_batches": exporter.spool.dropped,
+            "spooled_bytes": exporter.spool.pending_bytes,
+            "last_error": exporter.last_error,
+        }
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close("finished")
+        else:
+            self.close("killed" if issubclass(exc_type, KeyboardInterrupt) else "failed")
+
+
+def _to_host(flat: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    if flat.device.type == "cuda":
+        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+        host.copy_(flat, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+    return (flat, None) if flat.device.type == "cpu" else (flat.cpu(), None)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:128] or "_"
+
+
+def _close_at_exit(ref: weakref.ref) -> None:
+    monitor = ref()
+    if monitor is None or monitor._closed:
+        return
+    # An uncaught exception ending the script leaves sys.last_exc (3.12) / sys.last_type behind.
+    last = getattr(sys, "last_exc", None) or getattr(sys, "last_value", None)
+    if last is None:
+        monitor.close("finished")
+    else:
+        monitor.close("killed" if isinstance(last, KeyboardInterrupt) else "failed")
+
+
+def _forget_in_child(ref: weakref.ref) -> None:
+    """A forked child (a DataLoader worker) has no exporter threads: it must not report or flush."""
+    monitor = ref()
+    if monitor is not None:
+        monitor._closed = True
+        if hasattr(monitor, "recorder"):
+            monitor.recorder.failed = True

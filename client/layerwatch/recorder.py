@@ -1,0 +1,216 @@
+"""Forward hooks that reduce each watched activation into preallocated device buffers.
+
+A *layer* here is a watched module at one unit count: a module applied to outputs with different numbers
+of units (a ReLU shared across a bottleneck block) gets one layer per unit count, the later ones named
+``name#1``, ``name#2``; calls at the same unit count within a step (a ReLU reused twice, gradient
+accumulation) are merged into one record. Layers are discovered on their first call.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from layerwatch import stats, wire
+from layerwatch.layers import LayerSpec
+
+log = logging.getLogger("layerwatch")
+
+
+@dataclass
+class Layer:
+    index: int
+    name: str
+    spec: LayerSpec
+    unit_dim: int
+    units: int
+    shape: list[int]
+    unit_offset: int  # where this layer's activity mask starts in the flat mask buffer
+    called_in_window: bool = False
+
+    def describe(self) -> dict:
+        return {
+            "index": self.index,
+            "name": self.name,
+            "type": self.spec.type,
+            "kind": self.spec.kind,
+            "shape": self.shape,
+            "units": self.units,
+        }
+
+
+@dataclass
+class StepCalls:
+    """Host-side record of one step: which layers ran, in execution order, over how many elements."""
+
+    order: list[int] = field(default_factory=list)
+    elements: dict[int, int] = field(default_factory=dict)
+
+
+class Recorder:
+    """Owns the hooks and the device buffers: (layers, every, RAW_WIDTH) sums and per-unit window extremes."""
+
+    def __init__(self, every: int, eps: float) -> None:
+        self.every = every
+        self.eps = eps
+        self.layers: list[Layer] = []
+        self._by_module: dict[int, dict[int, Layer]] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._raw: torch.Tensor | None = None  # (capacity, every, RAW_WIDTH) float32
+        self._high: torch.Tensor | None = None  # (unit capacity,) running max of each unit in the window
+        self._low: torch.Tensor | None = None  # (unit capacity,) running min (non-ReLU kinds only)
+        self._segments: torch.Tensor | None = None  # (units,) layer index of each unit
+        self._positive_only: torch.Tensor | None = None  # (units,) bool: active means > eps
+        self._units: torch.Tensor | None = None  # (layers,) units per layer, float
+        self.slot = 0
+        self.current = StepCalls()
+        self.window_calls: list[StepCalls] = []
+        self.failed = False
+
+    # -- hooks ---------------------------------------------------------------------------------------
+    def attach(self, watched: list[tuple[nn.Module, LayerSpec]]) -> None:
+        for module, spec in watched:
+            self._handles.append(module.register_forward_hook(self._hook_for(spec)))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook_for(self, spec: LayerSpec):
+        def hook(module: nn.Module, inputs: tuple, output: object) -> None:
+            # Validation passes (no_grad / inference_mode) are not training steps.
+            if self.failed or not torch.is_grad_enabled():
+                return
+            tensor = output if isinstance(output, torch.Tensor) else _first_tensor(output)
+            if tensor is None or not tensor.is_floating_point() or tensor.numel() == 0:
+                return
+            try:
+                self._record(module, spec, tensor.detach())
+            except Exception:  # never let the monitor break the forward pass
+                self.failed = True
+                log.exception("layerwatch: activation statistics disabled after an error in %s", spec.name)
+
+        return hook
+
+    def _record(self, module: nn.Module, spec: LayerSpec, a: torch.Tensor) -> None:
+        unit_dim = self._unit_dim(spec, a)
+        units = a.shape[unit_dim] if a.dim() else 1
+        layer = self._by_module.get(id(module), {}).get(units) or self._new_layer(module, spec, a, unit_dim)
+        raw, high, low = self._raw, self._high, self._low
+        assert raw is not None and high is not None and low is not None
+        merge = layer.index in self.current.elements
+        if merge or a.device != raw.device:
+            record = torch.empty(stats.RAW_WIDTH, device=a.device)
+        else:
+            record = raw[layer.index, self.slot]
+        unit_max, unit_min = stats.activation_raw(a, layer.unit_dim, self.eps, spec.sat, out=record)
+        if a.device != raw.device:
+            record, unit_max, unit_min = (t.to(raw.device, non_blocking=True) for t in (record, unit_max, unit_min))
+        if merge:
+            stats.merge_raw(raw[layer.index, self.slot], record)
+        elif record.data_ptr() != raw[layer.index, self.slot].data_ptr():
+            raw[layer.index, self.slot] = record
+        # Running per-unit extremes over the window; fmax/fmin let a NaN neither kill nor revive a unit.
+        units = slice(layer.unit_offset, layer.unit_offset + layer.units)
+        torch.fmax(high[units], unit_max, out=high[units])
+        if spec.kind != wire.KIND_RELU:
+            torch.fmin(low[units], unit_min, out=low[units])
+        if layer.index in self.current.elements:
+            self.current.elements[layer.index] += a.numel()
+        else:
+            self.current.elements[layer.index] = a.numel()
+            self.current.order.append(layer.index)
+        layer.called_in_window = True
+
+    def _unit_dim(self, spec: LayerSpec, a: torch.Tensor) -> int:
+        """Channel dim for conv outputs (and activations applied to them), the last dim otherwise."""
+        if spec.conv or a.dim() >= 4:
+            return 1 if a.dim() > 1 else 0
+        if a.dim() == 3 and self.current.order:
+            previous = self.layers[self.current.order[-1]]
+            if previous.spec.conv and previous.shape[1:] == list(a.shape[1:]):
+                return 1
+        return a.dim() - 1 if a.dim() else 0
+
+    def _new_layer(self, module: nn.Module, spec: LayerSpec, a: torch.Tensor, unit_dim: int) -> Layer:
+        per_module = self._by_module.setdefault(id(module), {})
+        name = spec.name if not per_module else f"{spec.name}#{len(per_module)}"
+        units = a.shape[unit_dim] if a.dim() else 1
+        offset = self.layers[-1].unit_offset + self.layers[-1].units if self.layers else 0
+        layer = Layer(len(self.layers), name, spec, unit_dim, units, list(a.shape), offset)
+        self.layers.append(layer)
+        per_module[units] = layer
+        self._grow(a.device)
+        return layer
+
+    def _grow(self, device: torch.device) -> None:
+        """Reallocate the buffers when a new layer does not fit (a handful of times, at the start)."""
+        count, units = len(self.layers), self.layers[-1].unit_offset + self.layers[-1].units
+        raw, high, low = self._raw, self._high, self._low
+        if raw is None or count > raw.shape[0]:
+            bigger = torch.zeros(max(16, 2 * count), self.every, stats.RAW_WIDTH, device=device)
+            if raw is not None:
+                bigger[: raw.shape[0]] = raw
+            self._raw = bigger
+        if high is None or low is None or units > high.numel():
+            size = max(1024, 2 * units)
+            self._high = torch.full((size,), -math.inf, device=self._raw.device)
+            self._low = torch.full((size,), math.inf, device=self._raw.device)
+            if high is not None and low is not None:
+                self._high[: high.numel()] = high
+                self._low[: low.numel()] = low
+        self._segments = None
+
+    # -- steps and windows -----------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device | None:
+        return self._raw.device if self._raw is not None else None
+
+    def end_step(self) -> None:
+        self.window_calls.append(self.current)
+        self.current = StepCalls()
+        self.slot += 1
+
+    def take_raw(self) -> torch.Tensor | None:
+        """The report's raw sums, (layers, slots, RAW_WIDTH) flattened, and a fresh slot cursor."""
+        slots, self.slot = self.slot, 0
+        if self._raw is None or not self.layers or slots == 0:
+            return None
+        return self._raw[: len(self.layers), :slots].reshape(-1)
+
+    def dead_fractions(self, reducer) -> tuple[torch.Tensor | None, list[bool]]:
+        """End of a dead-unit window: per layer the share of units never active, then a fresh window."""
+        if self._high is None or self._low is None or not self.layers:
+            return None, []
+        total = self.layers[-1].unit_offset + self.layers[-1].units
+        high, low = reducer.reduce(self._high[:total], self._low[:total])
+        if self._segments is None:
+            # Rebuilt only when the layout changes: an upload from a Python list would block the host.
+            sizes = torch.tensor([layer.units for layer in self.layers])
+            positive = torch.tensor([layer.spec.kind == wire.KIND_RELU for layer in self.layers])
+            self._segments = torch.repeat_interleave(torch.arange(len(self.layers)), sizes).to(high.device)
+            self._positive_only = torch.repeat_interleave(positive, sizes).to(high.device)
+            self._units = sizes.float().to(high.device)
+        active = (high > self.eps) | (~self._positive_only & (low < -self.eps))
+        dead = torch.zeros(len(self.layers), device=high.device)
+        dead.index_add_(0, self._segments, (~active).float())
+        dead /= self._units
+        called = [layer.called_in_window for layer in self.layers]
+        self._high.fill_(-math.inf)
+        self._low.fill_(math.inf)
+        for layer in self.layers:
+            layer.called_in_window = False
+        return dead, called
+
+
+def _first_tensor(output: object) -> torch.Tensor | None:
+    if isinstance(output, list | tuple):
+        for item in output:
+            if isinstance(item, torch.Tensor):
+                return item
+    return None

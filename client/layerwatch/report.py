@@ -1,0 +1,121 @@
+"""One report interval, copied to the host: its layout, and its translation into wire statistics.
+
+The training thread packs a report's device tensors into one flat buffer (one device-to-host copy) and
+notes on the host what each span means; the exporter thread turns the numbers into ``steps`` of a batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from layerwatch import stats, wire
+from layerwatch.recorder import StepCalls
+
+
+@dataclass
+class StepMeta:
+    step: int
+    time: float
+    calls: StepCalls
+    params: list[int] = field(default_factory=list)  # indices of parameters that had a gradient
+    tensor_scalars: list[str] = field(default_factory=list)  # names of values packed on the device
+    host_scalars: dict[str, float] = field(default_factory=dict)  # values given as Python numbers
+
+
+@dataclass
+class Report:
+    """What a report carries besides its numbers. Spans in the flat buffer, in order:
+    raw activation sums (layers x steps x RAW_WIDTH), one dead_frac vector per window that ended
+    (layers each), then per step its parameter block (PARAM_WIDTH x params) and tensor scalars."""
+
+    steps: list[StepMeta]
+    layers: list[dict[str, Any]]
+    bounded: list[bool]
+    dead_windows: list[tuple[int, list[bool]]]  # (position of the step in `steps`, layer was called)
+    param_numel: list[int]
+    flat: torch.Tensor | None  # host copy (pinned where CUDA is present)
+    ready: Any = None  # a CUDA event recorded after the copy, or None when the copy was synchronous
+    end: str | None = None  # final status when this is the run's last report
+
+
+def translate(report: Report, values: list[float]) -> list[dict[str, Any]]:
+    """The wire ``steps`` of a report from its flat values."""
+    n_layers, n_steps = len(report.layers), len(report.steps)
+    raw_width = stats.RAW_WIDTH
+    cursor = n_layers * n_steps * raw_width if n_layers else 0
+    raw = values[:cursor]
+    dead_at: dict[int, list[float | None]] = {}
+    for position, called in report.dead_windows:
+        chunk = values[cursor : cursor + n_layers]
+        cursor += n_layers
+        dead_at[position] = [d if was_called else None for d, was_called in zip(chunk, called, strict=True)]
+
+    out = []
+    for position, meta in enumerate(report.steps):
+        layer_rows = []
+        dead = dead_at.get(position)
+        for index in meta.calls.order:
+            start = (index * n_steps + position) * raw_width
+            row = stats.finalize_activation(
+                raw[start : start + raw_width], meta.calls.elements[index], report.bounded[index]
+            )
+            row["dead_frac"] = dead[index] if dead is not None else None
+            layer_rows.append([index, *(row[name] for name in wire.LAYER_STATS)])
+        if dead is not None:  # layers that did not run this step still close their window
+            ran = set(meta.calls.order)
+            for index, value in enumerate(dead):
+                if index not in ran and value is not None:
+                    layer_rows.append([index, *(value if s == "dead_frac" else None for s in wire.LAYER_STATS)])
+
+        k = len(meta.params)
+        block = values[cursor : cursor + stats.PARAM_WIDTH * k]
+        cursor += stats.PARAM_WIDTH * k
+        scalars = dict(meta.host_scalars)
+        for name in meta.tensor_scalars:
+            scalars[name] = values[cursor]
+            cursor += 1
+        lr = scalars.pop("lr", None)
+        loss = scalars.pop("loss", None)
+        param_rows = []
+        for j, index in enumerate(meta.params):
+            grad_norm, high, low, weight_norm, finite = (block[c * k + j] for c in range(stats.PARAM_WIDTH))
+            grad_max = max(high, -low) if not (math.isnan(high) or math.isnan(low)) else math.nan
+            nonfinite = float(round(report.param_numel[index] - finite))
+            ratio = lr * grad_norm / weight_norm if lr is not None and weight_norm > 0 else None
+            param_rows.append([index, grad_norm, grad_max, weight_norm, ratio, nonfinite])
+        grad_total = math.sqrt(sum(row[1] * row[1] for row in param_rows)) if param_rows else None
+        out.append(
+            {
+                "step": meta.step,
+                "time": meta.time,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm_total": grad_total,
+                "scalars": scalars,
+                "layers": layer_rows,
+                "params": param_rows,
+            }
+        )
+    return out
+
+
+def first_nonfinite(steps: list[dict[str, Any]], layer_names: list[str], param_names: list[str], rank: int):
+    """Where the first NaN/Inf of these steps appeared: forward activations in execution order, then the
+    loss, then gradients in backward order (parameters of the last layers first)."""
+    nonfinite = wire.LAYER_STATS.index("nonfinite") + 1
+    grad_nonfinite = wire.PARAM_STATS.index("grad_nonfinite") + 1
+    for step in steps:
+        for row in step["layers"]:  # rows are in forward execution order
+            if row[nonfinite]:
+                return {"step": step["step"], "pass": "forward", "layer": layer_names[row[0]], "rank": rank}
+        loss = step["loss"]
+        if loss is not None and not math.isfinite(loss):
+            return {"step": step["step"], "pass": "loss", "layer": None, "rank": rank}
+        for row in sorted(step["params"], key=lambda r: -r[0]):
+            if row[grad_nonfinite]:
+                return {"step": step["step"], "pass": "backward", "layer": param_names[row[0]], "rank": rank}
+    return None

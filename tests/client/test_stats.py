@@ -1,0 +1,96 @@
+"""Each statistic against a brute-force PyTorch computation, over random shapes, dtypes and special values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from layerwatch import stats
+
+
+def brute(a: torch.Tensor, eps: float, sat: tuple[float, float] | None) -> dict[str, float | None]:
+    x = a.double().flatten()
+    finite = x[torch.isfinite(x)]
+    n = x.numel()
+    return {
+        "act_mean": x.mean().item(),
+        "act_std": x.std().item() if n > 1 else 0.0,
+        "act_max_abs": x.abs().max().item(),
+        "zero_frac": (finite.abs() <= eps).sum().item() / n,
+        "sat_frac": ((x - sat[0]).abs() > sat[1]).sum().item() / n if sat else None,
+        "nonfinite": float((~torch.isfinite(x)).sum().item()),
+    }
+
+
+def computed(a: torch.Tensor, unit_dim: int, eps: float, sat) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    out = torch.empty(stats.RAW_WIDTH)
+    high, low = stats.activation_raw(a, unit_dim, eps, sat, out=out)
+    return stats.finalize_activation(out.tolist(), a.numel(), sat is not None), high, low
+
+
+@pytest.mark.parametrize("shape", [(7,), (16, 33), (4, 8, 5, 5), (3, 10, 17)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("eps", [0.0, 0.05])
+def test_matches_brute_force(shape, dtype, eps):
+    a = torch.randn(shape).relu().to(dtype)  # about half exact zeros
+    a.view(-1)[:3] = 0.01  # a few values inside eps
+    sat = (0.0, 0.99)
+    got, _, _ = computed(a, -1, eps, sat)
+    want = brute(a, eps, sat)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    for name, value in want.items():
+        assert got[name] == pytest.approx(value, rel=tol, abs=tol), name
+
+
+def test_exact_values_on_a_known_tensor():
+    a = torch.tensor([[0.0, 1.0, -3.0], [2.0, 0.0, 0.0]])
+    got, high, low = computed(a, 1, 0.0, None)
+    assert got["act_mean"] == 0.0
+    assert got["act_std"] == pytest.approx(math.sqrt(14 / 5))
+    assert got["act_max_abs"] == 3.0
+    assert got["zero_frac"] == 0.5
+    assert got["sat_frac"] is None
+    assert got["nonfinite"] == 0.0
+    assert high.tolist() == [2.0, 1.0, 0.0]
+    assert low.tolist() == [0.0, 0.0, -3.0]
+
+
+def test_nan_and_inf_are_counted_never_filtered():
+    a = torch.tensor([1.0, float("nan"), float("inf"), -float("inf"), 0.0, 2.0])
+    got, _, _ = computed(a, 0, 0.0, (0.0, 0.99))
+    assert got["nonfinite"] == 3.0
+    assert math.isnan(got["act_mean"])
+    assert math.isnan(got["act_max_abs"])
+    assert got["zero_frac"] == pytest.approx(1 / 6)
+
+
+def test_saturation_of_sigmoid_band():
+    a = torch.tensor([0.001, 0.5, 0.999, 0.2])
+    got, _, _ = computed(a, 0, 0.0, (0.5, 0.5 * 0.99))
+    assert got["sat_frac"] == 0.5
+
+
+def test_param_raw_matches_brute_force():
+    params = [torch.randn(5, 3), torch.randn(7)]
+    grads = [torch.randn(5, 3), torch.tensor([1.0, float("nan"), 2.0, float("inf"), 0.0, -4.0, 3.0])]
+    raw = stats.param_raw(params, grads).view(stats.PARAM_WIDTH, 2)
+    assert raw[stats.P_GRAD_NORM, 0].item() == pytest.approx(grads[0].norm().item(), rel=1e-6)
+    assert raw[stats.P_WEIGHT_NORM, 1].item() == pytest.approx(params[1].norm().item(), rel=1e-6)
+    assert raw[stats.P_GRAD_MAX, 0].item() == grads[0].max().item()
+    assert raw[stats.P_GRAD_MIN, 0].item() == grads[0].min().item()
+    assert raw[stats.P_GRAD_FINITE, 0].item() == 15
+    assert raw[stats.P_GRAD_FINITE, 1].item() == 5
+
+
+def test_merge_adds_counts_and_extends_extremes():
+    first, second = torch.empty(stats.RAW_WIDTH), torch.empty(stats.RAW_WIDTH)
+    a, b = torch.tensor([1.0, 0.0, -2.0]), torch.tensor([5.0, 0.0])
+    stats.activation_raw(a, 0, 0.0, None, out=first)
+    stats.activation_raw(b, 0, 0.0, None, out=second)
+    stats.merge_raw(first, second)
+    got = stats.finalize_activation(first.tolist(), 5, False)
+    want = brute(torch.cat([a, b]), 0.0, None)
+    for name in ("act_mean", "act_std", "act_max_abs", "zero_frac", "nonfinite"):
+        assert got[name] == pytest.approx(want[name]), name

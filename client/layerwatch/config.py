@@ -59,6 +59,7 @@ class Config:
     mode: str = "online"  # LAYERWATCH_MODE: online | offline | disabled
     every: int = 10  # LAYERWATCH_EVERY: steps per report (one device-to-host copy each)
     window: int | None = None  # LAYERWATCH_WINDOW: steps per dead-unit window (default: every)
+    param_every: int | None = None  # LAYERWATCH_PARAM_EVERY: steps between full parameter stats (default: every)
     eps: float = 0.0  # LAYERWATCH_EPS: |a| <= eps counts as zero / inactive
     sat_margin: float = 0.01  # LAYERWATCH_SAT_MARGIN: share of the half-range that counts as saturated
     include: list[str] = field(default_factory=list)  # LAYERWATCH_INCLUDE: comma-separated globs
@@ -75,6 +76,10 @@ class Config:
     def window_steps(self) -> int:
         return self.window or self.every
 
+    @property
+    def param_every_steps(self) -> int:
+        return self.param_every or self.every
+
     @classmethod
     def resolve(cls, **given: Any) -> Config:
         """Arguments that are not None win; the rest come from the environment, then the defaults."""
@@ -88,6 +93,7 @@ class Config:
             "mode": _env_parse("LAYERWATCH_MODE", str.lower, None, MODES.__contains__),
             "every": _env_parse("LAYERWATCH_EVERY", int, d.every, lambda v: v >= 1),
             "window": _env_parse("LAYERWATCH_WINDOW", int, None, lambda v: v >= 1),
+            "param_every": _env_parse("LAYERWATCH_PARAM_EVERY", int, None, lambda v: v >= 1),
             "eps": _env_parse("LAYERWATCH_EPS", float, d.eps, lambda v: v >= 0),
             "sat_margin": _env_parse("LAYERWATCH_SAT_MARGIN", float, d.sat_margin, lambda v: 0 <= v < 1),
             "include": _env_list("LAYERWATCH_INCLUDE"),
@@ -121,8 +127,10 @@ class Config:
             raise ValueError("mode='online' needs a collector url (url= or LAYERWATCH_URL)")
         if self.every < 1:
             raise ValueError(f"every must be >= 1, got {self.every}")
-        if self.window is not None and self.window < 1:
-            raise ValueError(f"window must be >= 1, got {self.window}")
+        for name in ("window", "param_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         if self.eps < 0:
             raise ValueError(f"eps must be >= 0, got {self.eps}")
         if not 0 <= self.sat_margin < 1:

@@ -52,6 +52,7 @@ class Exporter:
         self._seq = 0
         self._origin_sent = False
         self._first_batch = True
+        self._weight_norms: dict[int, float] = {}
         self._reports: queue.Queue = queue.Queue(maxsize=32)
         self._batches: deque[bytes] = deque()
         self._lock = threading.Condition()
@@ -87,7 +88,7 @@ class Exporter:
         if report.ready is not None:
             report.ready.synchronize()  # waits here, on this thread, never on the training thread
         values = report.flat.tolist() if report.flat is not None else []
-        steps = translate(report, values)
+        steps = translate(report, values, self._weight_norms)
         batch = {"v": wire.VERSION, **self.header, "seq": self._seq}
         if not self._first_batch:
             batch["run"] = {k: v for k, v in batch["run"].items() if k != "config"}

@@ -33,6 +33,8 @@ CONV: tuple[type[nn.Module], ...] = (
 )
 LINEAR: tuple[type[nn.Module], ...] = (nn.Linear, nn.Bilinear)
 DEFAULT_TYPES: tuple[type[nn.Module], ...] = RELU_FAMILY + BOUNDED + OTHER_ACTIVATIONS + CONV + LINEAR
+# Outputs that are never negative: their minimum is not needed, which saves a pass over each output.
+NONNEGATIVE: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class LayerSpec:
     type: str
     kind: str  # one of wire.KINDS
     conv: bool  # the unit dim is the channel dim (1), not the last
+    nonneg: bool  # outputs are never negative (ReLU, sigmoid, ...): active means > eps, no minimum needed
     sat: tuple[float, float] | None  # (center, threshold) for bounded activations
 
 
@@ -102,6 +105,7 @@ def select(
                 type=type(module).__name__,
                 kind=kind_of(module),
                 conv=isinstance(module, CONV),
+                nonneg=isinstance(module, NONNEGATIVE),
                 sat=saturation_band(module, sat_margin),
             ),
         )

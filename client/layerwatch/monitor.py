@@ -53,6 +53,7 @@ class Monitor:
         self._new_alerts: deque[Alert] = deque()
         self._alerts_lock = threading.Lock()
         self._next_step = 0
+        self._recorded = 0  # steps recorded so far (step numbers may be the user's)
         self._window_pos = 0
         self._steps: list[StepMeta] = []
         self._step_tensors: list[torch.Tensor] = []
@@ -147,8 +148,13 @@ class Monitor:
             present = [(i, p) for i, (_, p) in enumerate(self._params) if p.grad is not None]
             if present:
                 meta.params = [i for i, _ in present]
-                weights = [p.detach() for _, p in present]
-                tensors.append(stats.param_raw(weights, [p.grad.detach() for _, p in present]))
+                grads = [p.grad.detach() for _, p in present]
+                # Gradient norms every step; the other parameter statistics once per `param_every` steps.
+                meta.full_params = (self._recorded + 1) % self.config.param_every_steps == 0
+                if meta.full_params:
+                    tensors.append(stats.param_raw([p.detach() for _, p in present], grads))
+                else:
+                    tensors.append(stats.grad_norms(grads))
         for name, value in {"loss": loss, "lr": lr, **scalars}.items():
             if value is None:
                 continue
@@ -160,6 +166,7 @@ class Monitor:
             else:
                 meta.host_scalars[name] = float(value)
         self.recorder.end_step()
+        self._recorded += 1
         self._steps.append(meta)
         self._step_tensors.extend(tensors)
         self._window_pos += 1

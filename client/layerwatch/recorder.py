@@ -108,9 +108,10 @@ class Recorder:
             record = torch.empty(stats.RAW_WIDTH, device=a.device)
         else:
             record = raw[layer.index, self.slot]
-        unit_max, unit_min = stats.activation_raw(a, layer.unit_dim, self.eps, spec.sat, out=record)
+        unit_max, unit_min = stats.activation_raw(a, layer.unit_dim, self.eps, spec.sat, record, spec.nonneg)
         if a.device != raw.device:
-            record, unit_max, unit_min = (t.to(raw.device, non_blocking=True) for t in (record, unit_max, unit_min))
+            record, unit_max = (t.to(raw.device, non_blocking=True) for t in (record, unit_max))
+            unit_min = unit_min.to(raw.device, non_blocking=True) if unit_min is not None else None
         if merge:
             stats.merge_raw(raw[layer.index, self.slot], record)
         elif record.data_ptr() != raw[layer.index, self.slot].data_ptr():
@@ -118,7 +119,7 @@ class Recorder:
         # Running per-unit extremes over the window; fmax/fmin let a NaN neither kill nor revive a unit.
         units = slice(layer.unit_offset, layer.unit_offset + layer.units)
         torch.fmax(high[units], unit_max, out=high[units])
-        if spec.kind != wire.KIND_RELU:
+        if unit_min is not None and not _positive_only(spec):
             torch.fmin(low[units], unit_min, out=low[units])
         if layer.index in self.current.elements:
             self.current.elements[layer.index] += a.numel()
@@ -192,7 +193,7 @@ class Recorder:
         if self._segments is None:
             # Rebuilt only when the layout changes: an upload from a Python list would block the host.
             sizes = torch.tensor([layer.units for layer in self.layers])
-            positive = torch.tensor([layer.spec.kind == wire.KIND_RELU for layer in self.layers])
+            positive = torch.tensor([_positive_only(layer.spec) for layer in self.layers])
             self._segments = torch.repeat_interleave(torch.arange(len(self.layers)), sizes).to(high.device)
             self._positive_only = torch.repeat_interleave(positive, sizes).to(high.device)
             self._units = sizes.float().to(high.device)
@@ -206,6 +207,11 @@ class Recorder:
         for layer in self.layers:
             layer.called_in_window = False
         return dead, called
+
+
+def _positive_only(spec: LayerSpec) -> bool:
+    """Active means output > eps (ReLU family, Linear/Conv, never-negative outputs), else |output| > eps."""
+    return spec.kind == wire.KIND_RELU or spec.nonneg
 
 
 def _first_tensor(output: object) -> torch.Tensor | None:

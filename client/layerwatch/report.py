@@ -22,6 +22,7 @@ class StepMeta:
     time: float
     calls: StepCalls
     params: list[int] = field(default_factory=list)  # indices of parameters that had a gradient
+    full_params: bool = False  # all parameter statistics this step, or only gradient norms
     tensor_scalars: list[str] = field(default_factory=list)  # names of values packed on the device
     host_scalars: dict[str, float] = field(default_factory=dict)  # values given as Python numbers
 
@@ -30,7 +31,8 @@ class StepMeta:
 class Report:
     """What a report carries besides its numbers. Spans in the flat buffer, in order:
     raw activation sums (layers x steps x RAW_WIDTH), one dead_frac vector per window that ended
-    (layers each), then per step its parameter block (PARAM_WIDTH x params) and tensor scalars."""
+    (layers each), then per step its parameter block (PARAM_WIDTH x params on a full step, else the gradient
+    norms alone) and its tensor scalars."""
 
     steps: list[StepMeta]
     layers: list[dict[str, Any]]
@@ -42,8 +44,12 @@ class Report:
     end: str | None = None  # final status when this is the run's last report
 
 
-def translate(report: Report, values: list[float]) -> list[dict[str, Any]]:
-    """The wire ``steps`` of a report from its flat values."""
+def translate(report: Report, values: list[float], weight_norms: dict[int, float]) -> list[dict[str, Any]]:
+    """The wire ``steps`` of a report from its flat values.
+
+    ``weight_norms`` carries each parameter's latest weight norm from report to report: between full steps
+    ``update_ratio`` is estimated as lr * grad_norm / (that norm), which moves by ~update_ratio per step.
+    """
     n_layers, n_steps = len(report.layers), len(report.steps)
     raw_width = stats.RAW_WIDTH
     cursor = n_layers * n_steps * raw_width if n_layers else 0
@@ -72,8 +78,9 @@ def translate(report: Report, values: list[float]) -> list[dict[str, Any]]:
                     layer_rows.append([index, *(value if s == "dead_frac" else None for s in wire.LAYER_STATS)])
 
         k = len(meta.params)
-        block = values[cursor : cursor + stats.PARAM_WIDTH * k]
-        cursor += stats.PARAM_WIDTH * k
+        width = stats.PARAM_WIDTH if meta.full_params else 1
+        block = values[cursor : cursor + width * k]
+        cursor += width * k
         scalars = dict(meta.host_scalars)
         for name in meta.tensor_scalars:
             scalars[name] = values[cursor]
@@ -82,10 +89,15 @@ def translate(report: Report, values: list[float]) -> list[dict[str, Any]]:
         loss = scalars.pop("loss", None)
         param_rows = []
         for j, index in enumerate(meta.params):
-            grad_norm, high, low, weight_norm, finite = (block[c * k + j] for c in range(stats.PARAM_WIDTH))
-            grad_max = max(high, -low) if not (math.isnan(high) or math.isnan(low)) else math.nan
-            nonfinite = float(round(report.param_numel[index] - finite))
-            ratio = lr * grad_norm / weight_norm if lr is not None and weight_norm > 0 else None
+            grad_norm = block[j]
+            grad_max = weight_norm = nonfinite = None
+            if meta.full_params:
+                high, low, weight_norm, finite = (block[c * k + j] for c in range(1, stats.PARAM_WIDTH))
+                grad_max = max(high, -low) if not (math.isnan(high) or math.isnan(low)) else math.nan
+                nonfinite = float(round(report.param_numel[index] - finite))
+                weight_norms[index] = weight_norm
+            latest = weight_norms.get(index)
+            ratio = lr * grad_norm / latest if lr is not None and latest else None
             param_rows.append([index, grad_norm, grad_max, weight_norm, ratio, nonfinite])
         grad_total = math.sqrt(sum(row[1] * row[1] for row in param_rows)) if param_rows else None
         out.append(
@@ -116,6 +128,6 @@ def first_nonfinite(steps: list[dict[str, Any]], layer_names: list[str], param_n
         if loss is not None and not math.isfinite(loss):
             return {"step": step["step"], "pass": "loss", "layer": None, "rank": rank}
         for row in sorted(step["params"], key=lambda r: -r[0]):
-            if row[grad_nonfinite]:
+            if row[grad_nonfinite] or not math.isfinite(row[1]):  # counted on full steps, norms every step
                 return {"step": step["step"], "pass": "backward", "layer": param_names[row[0]], "rank": rank}
     return None

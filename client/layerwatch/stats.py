@@ -46,9 +46,17 @@ def _one(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def activation_raw(
-    a: torch.Tensor, unit_dim: int, eps: float, sat: tuple[float, float] | None, out: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+    a: torch.Tensor,
+    unit_dim: int,
+    eps: float,
+    sat: tuple[float, float] | None,
+    out: torch.Tensor,
+    nonneg: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Reduce one activation into ``out`` (RAW_WIDTH,) and return its per-unit (max, min), (units,) each.
+
+    ``nonneg``: the module's outputs are never negative, so the minimum is not computed (it is returned as
+    None and recorded as 0).
 
     Columns: sum, sum of squares, max, min, finite count, count of finite |a| > eps, count of saturated
     elements (|a - center| > threshold for ``sat`` = (center, threshold); a placeholder when None).
@@ -57,7 +65,7 @@ def activation_raw(
         a = a.reshape(1)
     dims = [d for d in range(a.dim()) if d != unit_dim % a.dim()]
     unit_max = a.amax(dim=dims) if dims else a  # (units,)
-    unit_min = a.amin(dim=dims) if dims else a  # (units,)
+    unit_min = None if nonneg else (a.amin(dim=dims) if dims else a)  # (units,)
     acc = a.dtype if a.dtype in (torch.float32, torch.float64) else _F32  # half types accumulate in fp32
     flat = a.reshape(-1)
     if a.dtype == acc and flat.is_contiguous():
@@ -75,11 +83,19 @@ def activation_raw(
         center, threshold = sat
         distance = (a - center).abs_() if center else a.abs()
         saturated = distance.sub_(threshold).clamp_(min=0).sign_().nansum(dtype=acc)
-    parts = (a.sum(dtype=acc), sumsq, unit_max.max(), unit_min.min(), finite, nonzero, saturated)
+    low = unit_min.min() if unit_min is not None else torch.zeros((), device=a.device, dtype=a.dtype)
+    parts = (a.sum(dtype=acc), sumsq, unit_max.max(), low, finite, nonzero, saturated)
     if acc != _F32 or a.dtype != _F32:
         parts = tuple(p.to(_F32) for p in parts)
     torch.stack(parts, out=out)
     return unit_max, unit_min
+
+
+@torch.no_grad()
+def grad_norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The every-step parameter record: each gradient's L2 norm, (P,) float32, one fused multi-tensor kernel.
+    A NaN/Inf anywhere in a gradient makes its norm non-finite, so this alone catches non-finite gradients."""
+    return torch.stack([t.to(_F32) for t in torch._foreach_norm(grads, 2)])
 
 
 @torch.no_grad()

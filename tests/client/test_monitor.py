@@ -83,18 +83,40 @@ def test_steps_loss_lr_scalars_and_gradients_match_torch(tmp_path):
     names = [p["name"] for p in batches[0]["params"]]
     steps = [s for b in batches for s in b["steps"]]
     assert [s["step"] for s in steps] == list(range(10))
+    last_weights: dict[str, float] = {}
     for step, (loss, grads, weights, total) in zip(steps, expected, strict=True):
         assert step["loss"] == pytest.approx(loss, rel=1e-6)
         assert step["lr"] == 0.05
         assert step["scalars"] == {"accuracy": 0.5, "epoch": 1.0}
         assert step["grad_norm_total"] == pytest.approx(total, rel=1e-5)
+        full = step["step"] % 4 == 3  # full parameter statistics once per report interval
         for row in step["params"]:
             stat = dict(zip(batches[0]["param_stats"], row[1:], strict=True))
             name = names[row[0]]
             assert stat["grad_norm"] == pytest.approx(grads[name], rel=1e-5)
-            assert stat["weight_norm"] == pytest.approx(weights[name], rel=1e-5)
-            assert stat["update_ratio"] == pytest.approx(0.05 * grads[name] / weights[name], rel=1e-5)
-            assert stat["grad_nonfinite"] == 0
+            if full:
+                assert stat["weight_norm"] == pytest.approx(weights[name], rel=1e-5)
+                assert stat["update_ratio"] == pytest.approx(0.05 * grads[name] / weights[name], rel=1e-5)
+                assert stat["grad_nonfinite"] == 0
+                last_weights[name] = weights[name]
+            else:
+                assert stat["weight_norm"] is None and stat["grad_nonfinite"] is None
+                want = 0.05 * grads[name] / last_weights[name] if name in last_weights else None
+                assert stat["update_ratio"] == (pytest.approx(want, rel=1e-5) if want else None)
+
+
+def test_param_every_one_gives_every_statistic_every_step(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 3))
+    mon = offline(model, tmp_path, every=4, param_every=1)
+    for _ in range(3):
+        model(torch.randn(5, 4)).sum().backward()
+        mon.step(lr=0.1)
+        model.zero_grad()
+    mon.close()
+    batch = read_spool(tmp_path)[0]
+    for step in batch["steps"]:
+        for row in step["params"]:
+            assert None not in row
 
 
 def test_saturated_tanh_is_measured(tmp_path):

@@ -59,6 +59,7 @@ class Monitor:
         self._step_tensors: list[torch.Tensor] = []
         self._dead: list[tuple[int, list[bool], torch.Tensor]] = []
         self._failed = False
+        self.run_id: str | None = None  # the collector's id of this run, once it has answered
         if self._closed:
             return
 
@@ -213,6 +214,8 @@ class Monitor:
             return list(self._alerts.values())
 
     def _on_response(self, body: dict[str, Any]) -> None:  # sender thread
+        if isinstance(body.get("run_id"), str):
+            self.run_id = body["run_id"]
         for data in body.get("alerts") or []:
             if not isinstance(data, dict):
                 continue

@@ -1,0 +1,363 @@
+"""Ingest benchmark: a real collector process, simulated training jobs, and MLflow for comparison.
+
+    python bench/ingest.py             # ~2 min: SQLite + PostgreSQL, 1/8/64 clients, MLflow, overload
+    python bench/ingest.py --seconds 30 --mlflow-seconds 30 --backends sqlite
+
+Each client is one rank of one run sending batches of ``--layers`` layers x ``--steps`` steps built with
+``layerwatch.wire.encode``. A layer-row is one layer at one step with all its statistics. The MLflow
+phase logs the same statistics (one metric per layer and statistic) through ``MlflowClient.log_batch``
+(1000 metrics per request) to a real ``mlflow server``. The overload phase offers 3x the collector's
+in-flight limit and samples its RSS while it sheds load with 429/503.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from layerwatch import wire
+
+PG_ADMIN = os.environ.get("LAYERWATCH_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not come up")
+
+
+@contextmanager
+def collector(db_url: str, log: Path, **env: str):
+    port = free_port()
+    cmd = [sys.executable, "-m", "layerwatch_server.cli", "serve", "--port", str(port), "--db", db_url]
+    full_env = {**os.environ, "LAYERWATCH_NO_AUTH": "1", "LAYERWATCH_LOG_LEVEL": "warning", **env}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+        yield f"http://127.0.0.1:{port}", proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+@contextmanager
+def database(backend: str, tmp: Path):
+    from sqlalchemy import create_engine, text
+
+    from layerwatch_server.storage.migrations import upgrade
+
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp}/bench-{uuid.uuid4().hex[:6]}.db"
+        upgrade(url)
+        yield url
+        return
+    name = f"lw_bench_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+class Job:
+    """One rank of one simulated run: realistic batches, steps always increasing."""
+
+    def __init__(self, run_key: str, rank: int, world: int, layers: int, steps: int) -> None:
+        self.rank, self.steps, self.next_step = rank, steps, 0
+        rnd = random.Random(rank)
+        self.head = {
+            "v": wire.VERSION,
+            "run": {"key": run_key, "name": run_key, "project": "bench", "world_size": world, "config": None},
+            "rank": rank,
+            "host": "bench",
+            "pid": os.getpid(),
+            "seq": 0,
+            "layers": [
+                {
+                    "index": i,
+                    "name": f"model.blocks.{i}.mlp",
+                    "type": "Linear",
+                    "kind": "relu",
+                    "shape": [-1, 1024],
+                    "units": 1024,
+                }
+                for i in range(layers)
+            ],
+            "params": [],
+            "layer_stats": list(wire.LAYER_STATS),
+            "param_stats": list(wire.PARAM_STATS),
+            "nonfinite_origin": None,
+            "end": None,
+            "dropped": {"reports": 0, "batches": 0},
+        }
+        self.values = [[i, *(rnd.random() for _ in wire.LAYER_STATS)] for i in range(layers)]
+
+    def batch(self) -> tuple[bytes, list[dict]]:
+        steps = []
+        for s in range(self.next_step, self.next_step + self.steps):
+            steps.append(
+                {
+                    "step": s,
+                    "time": time.time(),
+                    "loss": 1.0 / (s + 1),
+                    "lr": 1e-3,
+                    "grad_norm_total": 1.0,
+                    "scalars": {},
+                    "layers": self.values,
+                    "params": [],
+                }
+            )
+        self.next_step += self.steps
+        self.head["seq"] += 1
+        return wire.encode({**self.head, "steps": steps}), steps
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def drive(base: str, clients: int, seconds: float, layers: int, steps: int, pid: int | None = None) -> dict:
+    """``clients`` concurrent ranks for ``seconds``: rows/s, latency percentiles, status counts, and
+    (with the collector's ``pid``) layer-rows per collector CPU-second, which the load generator's own
+    share of this machine's cores does not distort."""
+    cpu0 = cpu_s(pid) if pid else 0.0
+    run_key = f"bench-{uuid.uuid4().hex[:6]}"
+    stop = time.monotonic() + seconds
+    lock = threading.Lock()
+    lat: list[float] = []
+    counts: dict[int, int] = {}
+    rows = [0]
+    headers = {"Content-Type": wire.CONTENT_TYPE, "Content-Encoding": "gzip"}
+
+    host, port = base.removeprefix("http://").split(":")
+
+    def worker(rank: int) -> None:
+        # http.client, not httpx: the load generator shares the machine's cores with the collector.
+        job = Job(run_key, rank, clients, layers, steps)
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        body, _ = job.batch()
+        try:
+            while time.monotonic() < stop:
+                t0 = time.perf_counter()
+                conn.request("POST", "/api/v1/ingest", body=body, headers=headers)
+                r = conn.getresponse()
+                answer = r.read()
+                dt = time.perf_counter() - t0
+                with lock:
+                    counts[r.status] = counts.get(r.status, 0) + 1
+                    if r.status == 202:
+                        lat.append(dt)
+                        rows[0] += json.loads(answer)["accepted"]["layer_rows"]
+                if r.status == 202:
+                    body, _ = job.batch()
+                else:
+                    time.sleep(float(r.getheader("Retry-After") or 1) * random.random())
+        finally:
+            conn.close()
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - t0
+    server_cpu = (cpu_s(pid) - cpu0) if pid else float("nan")
+    lat.sort()
+    pct = (lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000) if lat else (lambda q: float("nan"))
+    return {
+        "rows_s": rows[0] / elapsed,
+        "rows_per_cpu_s": rows[0] / server_cpu if server_cpu else float("nan"),
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "status": counts,
+    }
+
+
+def mlflow_rate(tmp: Path, seconds: float, layers: int, clients: int = 1) -> float:
+    """Layer-rows/s through a real MLflow server (7 metrics per layer-row, 1000 metrics per log_batch)."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{tmp}/mlflow.db",
+        "--default-artifact-root",
+        str(tmp / "art"),
+        "--workers",
+        "1",
+    ]
+    with open(tmp / "mlflow.log", "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc)
+        client = MlflowClient(tracking_uri=f"http://127.0.0.1:{port}")
+        exp = client.create_experiment(f"bench-{uuid.uuid4().hex[:6]}")
+        sent = [0]
+        lock = threading.Lock()
+        stop = time.monotonic() + seconds
+
+        def worker() -> None:
+            run_id = client.create_run(exp).info.run_id
+            step, pending = 0, []
+            while time.monotonic() < stop:
+                now = int(time.time() * 1000)
+                pending += [
+                    Metric(f"model.blocks.{i}.mlp/{s}", random.random(), now, step)
+                    for i in range(layers)
+                    for s in wire.LAYER_STATS
+                ]
+                step += 1
+                while len(pending) >= 1000 and time.monotonic() < stop:
+                    client.log_batch(run_id, metrics=pending[:1000])
+                    pending = pending[1000:]
+                    with lock:
+                        sent[0] += 1000
+
+        t0 = time.monotonic()
+        threads = [threading.Thread(target=worker) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return sent[0] / (time.monotonic() - t0) / len(wire.LAYER_STATS)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def overload(base: str, pid: int, seconds: float, limit: int, layers: int, steps: int) -> dict:
+    samples: list[float] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.25):
+            samples.append(rss_mb(pid))
+
+    before = rss_mb(pid)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        res = drive(base, 3 * limit, seconds, layers, steps)
+    finally:
+        done.set()
+        sampler.join()
+    return {
+        **res,
+        "rss_before_mb": before,
+        "rss_max_mb": max(samples or [before]),
+        "rss_after_mb": rss_mb(pid),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backends", default="sqlite,postgresql")
+    ap.add_argument("--clients", default="1,8,64")
+    ap.add_argument("--seconds", type=float, default=8.0, help="per concurrency level")
+    ap.add_argument("--layers", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=10, help="steps per batch")
+    ap.add_argument("--mlflow-seconds", type=float, default=10.0, help="0 skips MLflow")
+    ap.add_argument("--overload-seconds", type=float, default=10.0, help="0 skips the overload phase")
+    ap.add_argument("--max-inflight", type=int, default=16, help="collector limit during the overload phase")
+    args = ap.parse_args()
+
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="lw-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        for backend in args.backends.split(","):
+            with database(backend, tmp) as url, collector(url, tmp / f"{backend}.log") as (base, proc):
+                for c in (int(x) for x in args.clients.split(",")):
+                    r = drive(base, c, args.seconds, args.layers, args.steps, pid=proc.pid)
+                    results[f"{backend}/{c}"] = r["rows_s"]
+                    print(
+                        f"{backend:10s} clients={c:3d}  {r['rows_s']:10,.0f} layer-rows/s  "
+                        f"({r['rows_per_cpu_s']:,.0f} per collector CPU-s)  "
+                        f"p50={r['p50_ms']:7.1f} ms  p99={r['p99_ms']:7.1f} ms  status={r['status']}",
+                        flush=True,
+                    )
+        if args.mlflow_seconds > 0:
+            m = mlflow_rate(tmp, args.mlflow_seconds, args.layers)
+            metrics = m * len(wire.LAYER_STATS)
+            print(f"mlflow     clients=  1  {m:10,.0f} layer-rows/s ({metrics:,.0f} metrics/s)")
+            for key, v in results.items():
+                print(f"ratio layerwatch {key} / mlflow = {v / m:,.0f}x")
+        if args.overload_seconds > 0:
+            backend = args.backends.split(",")[0]
+            with (
+                database(backend, tmp) as url,
+                collector(url, tmp / "overload.log", LAYERWATCH_MAX_INFLIGHT=str(args.max_inflight)) as (
+                    base,
+                    proc,
+                ),
+            ):
+                drive(base, 4, 2, args.layers, args.steps)  # warm-up
+                o = overload(base, proc.pid, args.overload_seconds, args.max_inflight, args.layers, args.steps)
+                print(
+                    f"overload   {backend} clients={3 * args.max_inflight} (3x limit {args.max_inflight}): "
+                    f"{o['rows_s']:,.0f} layer-rows/s  status={o['status']}  "
+                    f"RSS before={o['rss_before_mb']:.0f} MB max={o['rss_max_mb']:.0f} MB "
+                    f"after={o['rss_after_mb']:.0f} MB"
+                )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Read API: projects, runs, one run, one series. Needs a read (or admin) token of the project."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse
+
+from layerwatch_server.api.deps import GrantDep, StateDep, authorize, readable_projects
+from layerwatch_server.api.schemas import Problem, ProjectOut, RunDetail, RunOut, Series
+from layerwatch_server.storage import queries
+from layerwatch_server.storage.base import finite_json
+from layerwatch_server.storage.models import RUN_STATUSES
+
+router = APIRouter(tags=["query"], responses={401: {"model": Problem}, 403: {"model": Problem}})
+
+
+@router.get("/projects", response_model=list[ProjectOut])
+def list_projects(state: StateDep, grant: GrantDep) -> Any:
+    return queries.list_projects(state.engine, readable_projects(grant))
+
+
+@router.get("/runs", response_model=list[RunOut])
+def list_runs(
+    state: StateDep,
+    grant: GrantDep,
+    project: Annotated[str | None, Query(max_length=100)] = None,
+    status: Annotated[str | None, Query(pattern="^(" + "|".join(RUN_STATUSES) + ")$")] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> Any:
+    if project is not None:
+        authorize(grant, project, "read")
+    return queries.list_runs(state.engine, project=project, status=status, only=readable_projects(grant), limit=limit)
+
+
+@router.get("/runs/{run_id}", response_model=RunDetail, responses={404: {"model": Problem}})
+def get_run(state: StateDep, grant: GrantDep, run_id: str) -> Any:
+    authorize(grant, queries.run_project(state.engine, run_id), "read")
+    return JSONResponse(
+        finite_json(RunDetail.model_validate(queries.get_run(state.engine, run_id)).model_dump(mode="json"))
+    )
+
+
+@router.get(
+    "/runs/{run_id}/series",
+    response_model=Series,
+    responses={404: {"model": Problem}},
+    description="One statistic over steps. `stat` is a layer statistic (with `layer`), a parameter "
+    "statistic (`layer` = parameter name), or a step statistic (`loss`, `lr`, `grad_norm_total`, or a "
+    "user scalar; no `layer`). With `max_points`, each bucket of steps keeps its minimum and maximum "
+    "(NaN ranks above +Infinity, so a NaN is always kept). Non-finite values are the strings "
+    '"NaN", "Infinity", "-Infinity". Rolled-up (retention) buckets carry `min`/`max` and `value` = mean.',
+)
+def get_series(
+    state: StateDep,
+    grant: GrantDep,
+    run_id: str,
+    stat: Annotated[str, Query(min_length=1, max_length=200)],
+    layer: Annotated[str | None, Query(max_length=500)] = None,
+    start: Annotated[int | None, Query(ge=0, le=2**62)] = None,
+    end: Annotated[int | None, Query(ge=0, le=2**62)] = None,
+    max_points: Annotated[int | None, Query(ge=2, le=100_000)] = None,
+    rank: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+) -> Any:
+    authorize(grant, queries.run_project(state.engine, run_id), "read")
+    points = queries.series(
+        state.engine, run_id, layer=layer, stat=stat, rank=rank, start=start, end=end, max_points=max_points
+    )
+    return JSONResponse({"run_id": run_id, "layer": layer, "stat": stat, "rank": rank, "points": finite_json(points)})

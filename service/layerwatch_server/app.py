@@ -1,0 +1,103 @@
+"""The FastAPI application: ``create_app(settings)`` wires state, routes, errors and the scheduler."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from anyio import CapacityLimiter
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from sqlalchemy import Engine
+
+from layerwatch_server.api import errors
+from layerwatch_server.api.routes import health, ingest, runs
+from layerwatch_server.core.batch import Batch
+from layerwatch_server.core.config import Settings
+from layerwatch_server.core.state import Admission, AppState, TokenCache
+from layerwatch_server.jobs.hooks import run_hooks
+from layerwatch_server.jobs.retention import retention_job
+from layerwatch_server.jobs.scheduler import Scheduler
+from layerwatch_server.storage.engine import Checkpointer, make_engine
+from layerwatch_server.storage.ingest import Ingestor
+from layerwatch_server.storage.migrations import head_revisions
+
+log = logging.getLogger("layerwatch_server")
+
+
+def build_state(settings: Settings, engine: Engine | None = None) -> AppState:
+    engine = engine or make_engine(settings.db_url, timeout_s=settings.db_timeout_s, pool_size=settings.pool_size)
+    return AppState(
+        settings=settings,
+        engine=engine,
+        ingestor=Ingestor(engine, lock_timeout_s=settings.db_timeout_s),
+        tokens=TokenCache(engine, settings.token_cache_s),
+        admission=Admission(settings.max_inflight),
+        heads=head_revisions(settings.db_url),
+        ingest_limiter=CapacityLimiter(2 if engine.dialect.name == "sqlite" else settings.pool_size),
+        extras={"ingest_hooks": [], "rule_hooks": []},
+    )
+
+
+def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
+    state = build_state(settings, engine)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if settings.no_auth:
+            log.warning(
+                "AUTH IS DISABLED (--no-auth): anyone who can reach %s:%s can read and write every project",
+                settings.host,
+                settings.port,
+            )
+        scheduler = checkpointer = None
+        if state.engine.dialect.name == "sqlite" and engine is None:
+            checkpointer = Checkpointer(state.engine)
+            checkpointer.start()
+        if settings.scheduler:
+            scheduler = Scheduler(state.engine)
+            scheduler.add(
+                "retention",
+                settings.retention_interval_s,
+                retention_job(settings.retention_days, settings.rollup_bucket_steps),
+            )
+            scheduler.add("rules", settings.job_interval_s, run_hooks(state.extras["rule_hooks"]))
+            scheduler.start()
+            state.extras["scheduler"] = scheduler
+        try:
+            yield
+        finally:  # uvicorn has drained in-flight requests (and their transactions) by now
+            if scheduler is not None:
+                scheduler.shutdown()
+            if checkpointer is not None:
+                checkpointer.stop()
+            if engine is None:
+                state.engine.dispose()
+
+    app = FastAPI(
+        title="layerwatch collector",
+        version="1",
+        summary="Receives per-layer training statistics and serves them back.",
+        lifespan=lifespan,
+    )
+    app.state.lw = state
+    errors.install(app, settings.retry_after_s)
+    app.include_router(health.router)
+    app.include_router(ingest.router, prefix="/api/v1")
+    app.include_router(runs.router, prefix="/api/v1")
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The generated spec plus the wire ``Batch`` schema that the ingest body refers to."""
+    if app.openapi_schema is None:
+        spec = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        batch = Batch.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+        schemas.update(batch.pop("$defs", {}))
+        schemas["Batch"] = batch
+        app.openapi_schema = spec
+    return app.openapi_schema

@@ -1,0 +1,136 @@
+"""``layerwatch-server``: serve, migrate, token create/revoke."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+from pydantic import ValidationError
+
+from layerwatch_server.core.config import ConfigError, Settings, load_settings
+from layerwatch_server.storage import migrations, tokens
+from layerwatch_server.storage.engine import make_engine
+from layerwatch_server.storage.models import ALL_PROJECTS, SCOPES
+
+log = logging.getLogger("layerwatch_server")
+
+_db = click.option("--db", "db_url", metavar="URL", help="Database URL [env LAYERWATCH_DB_URL].")
+_config = click.option(
+    "--config",
+    "config_file",
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    help="YAML or TOML file with settings (names as in LAYERWATCH_*, lower case).",
+)
+
+
+def _settings(config_file: str | None, **flags: Any) -> Settings:
+    try:
+        return load_settings(config_file, **flags)
+    except (ValidationError, ConfigError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group()
+def main() -> None:
+    """layerwatch collector: receives training statistics from layerwatch clients."""
+
+
+@main.command()
+@click.option("--host", default=None, help="Address to listen on [default 127.0.0.1].")
+@click.option("--port", type=int, default=None, help="Port [default 8765].")
+@_db
+@_config
+@click.option("--no-auth", is_flag=True, default=None, help="Disable tokens (local single-user use).")
+@click.option("--force-no-auth", is_flag=True, default=None, help="Allow --no-auth on a non-loopback host.")
+def serve(**flags: Any) -> None:
+    """Run the collector. Refuses a database whose schema is not at head.
+
+    A brand-new embedded SQLite database (the default file, absent or empty) is migrated on the spot.
+    """
+    import uvicorn
+
+    from layerwatch_server.app import create_app
+
+    settings = _settings(**flags)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = make_engine(settings.db_url, timeout_s=settings.db_timeout_s, pool_size=settings.pool_size)
+    try:
+        if settings.is_default_db and migrations.is_empty(engine):
+            log.info("new embedded database %s: creating the schema", settings.db_url)
+            migrations.upgrade(settings.db_url)
+        problem = migrations.schema_problem(engine, settings.db_url)
+    except Exception as exc:
+        raise click.ClickException(f"cannot open database {settings.db_url}: {exc}") from None
+    finally:
+        engine.dispose()
+    if problem:
+        raise click.ClickException(problem)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=30,  # SIGTERM: stop accepting, let in-flight ingests commit
+        limit_concurrency=max(256, settings.max_inflight * 8),  # hard cap on open connections
+    )
+
+
+@main.command()
+@_db
+@_config
+def migrate(**flags: Any) -> None:
+    """Bring the database to the current schema (Alembic upgrade head)."""
+    settings = _settings(**flags)
+    migrations.upgrade(settings.db_url)
+    click.echo(f"database at {sorted(migrations.head_revisions(settings.db_url))}", err=True)
+
+
+@main.group()
+def token() -> None:
+    """Manage API tokens."""
+
+
+@token.command("create")
+@click.option("--project", required=True, help=f"Project name, or '{ALL_PROJECTS}' (admin only) for all.")
+@click.option("--scope", type=click.Choice(SCOPES), required=True, help="write: ingest; read: queries; admin: both.")
+@_db
+@_config
+def token_create(project: str, scope: str, **flags: Any) -> None:
+    """Create a token and print it once (only its SHA-256 is stored)."""
+    settings = _settings(**flags)
+    engine = make_engine(settings.db_url)
+    try:
+        problem = migrations.schema_problem(engine, settings.db_url)
+        if problem:
+            raise click.ClickException(problem)
+        value = tokens.create_token(engine, project, scope)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        engine.dispose()
+    click.echo(f"{scope} token for project {project!r} (shown once, store it now):", err=True)
+    click.echo(value)
+
+
+@token.command("revoke")
+@click.argument("value")
+@_db
+@_config
+def token_revoke(value: str, **flags: Any) -> None:
+    """Revoke a token (servers forget it within LAYERWATCH_TOKEN_CACHE_S seconds)."""
+    settings = _settings(**flags)
+    engine = make_engine(settings.db_url)
+    try:
+        if not tokens.revoke_token(engine, value):
+            raise click.ClickException("no such active token")
+    finally:
+        engine.dispose()
+    click.echo("revoked", err=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

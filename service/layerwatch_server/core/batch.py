@@ -1,0 +1,151 @@
+"""The wire batch as pydantic models: validation with messages that name the field.
+
+Mirrors ``layerwatch.wire`` (version 1). Statistic values are floats, NaN and +/-Inf included (they are
+the signal), or null. JSON requests may use the literals NaN/Infinity/-Infinity.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from layerwatch import wire
+
+Name = Annotated[str, Field(min_length=1, max_length=500)]
+Value = float | None
+NonNegInt = Annotated[int, Field(ge=0, le=2**62)]
+Index = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Dims = Annotated[list[Annotated[int, Field(ge=-1, le=2**62)]], Field(max_length=16)]
+Row = Annotated[list[Value], Field(min_length=1, max_length=64)]
+
+MAX_STEPS = 10_000
+MAX_SERIES = 100_000
+
+
+class _Wire(BaseModel):
+    # Unknown keys are ignored: a newer v1 client may send more than this collector reads.
+    model_config = ConfigDict(extra="ignore")
+
+
+class RunIn(_Wire):
+    key: Annotated[str, Field(min_length=1, max_length=200)]
+    name: Annotated[str, Field(max_length=200)] = ""
+    project: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.\-]+$")]
+    world_size: Annotated[int, Field(ge=1, le=1_000_000)] = 1
+    config: dict[str, Any] | None = None
+
+
+class LayerIn(_Wire):
+    index: Index
+    name: Name
+    type: Annotated[str, Field(max_length=200)] = ""
+    kind: Literal[wire.KINDS] = wire.KIND_OTHER  # type: ignore[valid-type]
+    shape: Dims = []
+    units: NonNegInt = 0
+
+
+class ParamIn(_Wire):
+    index: Index
+    name: Name
+    shape: Dims = []
+    numel: NonNegInt = 0
+
+
+class StepIn(_Wire):
+    step: NonNegInt
+    time: float = Field(description="Unix time in seconds; must be finite.", allow_inf_nan=False)
+    loss: Value = None
+    lr: Value = None
+    grad_norm_total: Value = None
+    scalars: Annotated[dict[Annotated[str, Field(max_length=200)], float], Field(max_length=256)] = {}
+    layers: Annotated[list[Row], Field(max_length=MAX_SERIES)] = Field(
+        [], description="[[layer_index, *values in layer_stats order], ...]"
+    )
+    params: Annotated[list[Row], Field(max_length=MAX_SERIES)] = Field(
+        [], description="[[param_index, *values in param_stats order], ...]"
+    )
+
+
+class NonfiniteOrigin(_Wire):
+    model_config = ConfigDict(populate_by_name=True)
+    step: NonNegInt
+    pass_: Literal[wire.PASSES] = Field(alias="pass")  # type: ignore[valid-type]
+    layer: str | None = None
+    rank: Index = 0
+
+
+class End(_Wire):
+    status: Literal[wire.END_STATUSES]  # type: ignore[valid-type]
+
+
+class Dropped(_Wire):
+    reports: NonNegInt = 0
+    batches: NonNegInt = 0
+
+
+class Batch(_Wire):
+    """One rank's batch, wire version 1 (see ``layerwatch.wire``)."""
+
+    v: Literal[1] = Field(description=f"Wire version; this collector reads {wire.VERSION}.")
+    run: RunIn
+    rank: Index = 0
+    host: Annotated[str, Field(max_length=255)] = ""
+    pid: Index = 0
+    seq: NonNegInt = 0
+    layers: Annotated[list[LayerIn], Field(max_length=MAX_SERIES)] = []
+    params: Annotated[list[ParamIn], Field(max_length=MAX_SERIES)] = []
+    layer_stats: list[str] = list(wire.LAYER_STATS)
+    param_stats: list[str] = list(wire.PARAM_STATS)
+    steps: Annotated[list[StepIn], Field(max_length=MAX_STEPS)] = []
+    nonfinite_origin: NonfiniteOrigin | None = None
+    end: End | None = None
+    dropped: Dropped = Dropped()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Batch:
+        if self.rank >= self.run.world_size:
+            raise ValueError(f"rank: {self.rank} is not below run.world_size {self.run.world_size}")
+        _check_names("layer_stats", self.layer_stats, wire.LAYER_STATS)
+        _check_names("param_stats", self.param_stats, wire.PARAM_STATS)
+        layer_idx = _check_defs("layers", self.layers)
+        param_idx = _check_defs("params", self.params)
+        seen: set[int] = set()
+        for i, step in enumerate(self.steps):
+            if step.step in seen:
+                raise ValueError(f"steps[{i}].step: step {step.step} appears twice in this batch")
+            seen.add(step.step)
+            _check_rows(f"steps[{i}].layers", step.layers, layer_idx, len(self.layer_stats))
+            _check_rows(f"steps[{i}].params", step.params, param_idx, len(self.param_stats))
+        return self
+
+
+def _check_names(field: str, names: list[str], known: tuple[str, ...]) -> None:
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"{field}: unknown statistic(s) {unknown}; known: {list(known)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"{field}: a statistic is named twice")
+
+
+def _check_defs(field: str, defs: list[LayerIn] | list[ParamIn]) -> set[int]:
+    indices = {d.index for d in defs}
+    if len(indices) != len(defs):
+        raise ValueError(f"{field}: an index is used twice")
+    if len({d.name for d in defs}) != len(defs):
+        raise ValueError(f"{field}: a name is used twice")
+    return indices
+
+
+def _check_rows(field: str, rows: list[list[Value]], indices: set[int], n_values: int) -> None:
+    seen: set[float] = set()
+    for j, row in enumerate(rows):
+        index = row[0]
+        if index is None or not math.isfinite(index) or index not in indices or index != int(index):
+            raise ValueError(f"{field}[{j}][0]: index {index!r} is not one of this batch's {field[-6:]}")
+        if index in seen:
+            raise ValueError(f"{field}[{j}][0]: index {int(index)} appears twice in this step")
+        seen.add(index)
+        if len(row) != n_values + 1:
+            raise ValueError(f"{field}[{j}]: expected {n_values + 1} values (index + stats), got {len(row)}")

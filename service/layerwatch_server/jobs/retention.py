@@ -1,0 +1,114 @@
+"""Retention: raw per-step rows older than N days become per-bucket rollups (n, NaN count, min, max,
+mean), then the raw rows are deleted. One transaction per (run, rank), so a crash leaves either the raw
+rows or their rollups, never both halves missing.
+
+Only whole buckets are rolled up (all steps below ``boundary``, a multiple of the bucket size). Min,
+max and mean ignore NaN (``nan_count`` keeps it visible); +/-Inf are kept as values. User scalars are
+not rolled up.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import Connection, Engine, delete, func, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from layerwatch import wire
+from layerwatch_server.jobs.scheduler import JobFn
+from layerwatch_server.storage.base import db_float
+from layerwatch_server.storage.models import Layer, Param, Rollup, layer_stats, param_stats, step_stats
+
+log = logging.getLogger("layerwatch_server.jobs")
+
+
+def retention_job(retention_days: float, bucket_steps: int) -> JobFn:
+    def job(engine: Engine, now: float) -> None:
+        rolled = roll_up(engine, cutoff=now - retention_days * 86400, bucket=bucket_steps)
+        if rolled:
+            log.info("retention rolled up %d raw steps older than %.1f days", rolled, retention_days)
+
+    return job
+
+
+def roll_up(engine: Engine, *, cutoff: float, bucket: int) -> int:
+    """Roll up every whole bucket of steps whose time is before ``cutoff``; returns raw steps removed."""
+    with engine.connect() as conn:
+        old = conn.execute(
+            select(step_stats.c.run_id, step_stats.c.rank, func.max(step_stats.c.step))
+            .where(step_stats.c.time < cutoff)
+            .group_by(step_stats.c.run_id, step_stats.c.rank)
+        ).all()
+    total = 0
+    for run_id, rank, last_old in old:
+        boundary = (last_old + 1) // bucket * bucket
+        if boundary == 0:
+            continue
+        with engine.begin() as conn:
+            total += _roll_rank(conn, run_id, rank, boundary, bucket)
+    return total
+
+
+def _roll_rank(conn: Connection, run_id: str, rank: int, boundary: int, bucket: int) -> int:
+    rollups: list[dict[str, Any]] = []
+    for kind, table, id_col, model, stats in (
+        ("layer", layer_stats, "layer_id", Layer, wire.LAYER_STATS),
+        ("param", param_stats, "param_id", Param, wire.PARAM_STATS),
+    ):
+        for series_id in conn.scalars(select(model.id).where(model.run_id == run_id)):
+            rows = conn.execute(
+                select(table.c.step, *(table.c[s] for s in stats)).where(
+                    table.c.run_id == run_id,
+                    table.c[id_col] == series_id,
+                    table.c.rank == rank,
+                    table.c.step < boundary,
+                )
+            ).all()
+            rollups += _buckets(run_id, rank, kind, series_id, stats, rows, bucket)
+        conn.execute(delete(table).where(table.c.run_id == run_id, table.c.rank == rank, table.c.step < boundary))
+    where = (step_stats.c.run_id == run_id, step_stats.c.rank == rank, step_stats.c.step < boundary)
+    rows = conn.execute(select(step_stats.c.step, *(step_stats.c[s] for s in wire.STEP_STATS)).where(*where)).all()
+    rollups += _buckets(run_id, rank, "step", 0, wire.STEP_STATS, rows, bucket)
+    removed = conn.execute(delete(step_stats).where(*where)).rowcount
+    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+    for i in range(0, len(rollups), 500):
+        # A step re-sent after its bucket was rolled up lands raw again; its rollup is not redone.
+        conn.execute(insert(Rollup).values(rollups[i : i + 500]).on_conflict_do_nothing())
+    return removed
+
+
+def _buckets(
+    run_id: str, rank: int, kind: str, series_id: int, stats: Iterable[str], rows: list[Any], bucket: int
+) -> list[dict[str, Any]]:
+    grouped: dict[int, list[Any]] = defaultdict(list)
+    for row in rows:
+        grouped[row[0] // bucket * bucket].append(row)
+    out = []
+    for start, members in grouped.items():
+        for i, stat in enumerate(stats, start=1):
+            values = [db_float(r[i]) for r in members if r[i] is not None]
+            if not values:
+                continue
+            real = [v for v in values if not math.isnan(v)]
+            mean = sum(real) / len(real) if real else math.nan
+            out.append(
+                {
+                    "run_id": run_id,
+                    "series": kind,
+                    "series_id": series_id,
+                    "stat": stat,
+                    "rank": rank,
+                    "bucket_start": start,
+                    "bucket_end": start + bucket - 1,
+                    "n": len(values),
+                    "nan_count": len(values) - len(real),
+                    "min": min(real, default=math.nan),
+                    "max": max(real, default=math.nan),
+                    "mean": mean,
+                }
+            )
+    return out

@@ -1,0 +1,105 @@
+"""Per-process APScheduler whose jobs run at most once per tick across every replica.
+
+Each replica has its own in-memory scheduler (a job store cannot be shared between processes). A tick
+is ``floor(now / interval)``; the replica that first inserts the lease row (job, tick) runs it, the
+others skip. On PostgreSQL a session advisory lock also keeps one job from overlapping itself when a
+run lasts longer than its interval.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import socket
+import time
+import zlib
+from collections.abc import Callable
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import Engine, delete, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from layerwatch_server.storage.base import utcnow
+from layerwatch_server.storage.models import JobTick
+
+log = logging.getLogger("layerwatch_server.jobs")
+
+JobFn = Callable[[Engine, float], None]  # (engine, now) -> None
+_KEEP_TICKS = 1000  # lease rows kept per job
+
+
+def replica_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def run_once(engine: Engine, job: str, interval_s: float, fn: JobFn, *, replica: str, now: float | None = None) -> bool:
+    """Run ``fn`` if this replica wins the current tick of ``job``; True when it ran."""
+    now = time.time() if now is None else now
+    tick = int(now // interval_s)
+    insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
+    with engine.begin() as conn:
+        won = conn.execute(
+            insert(JobTick)
+            .values(job=job, tick=tick, replica=replica, started_at=utcnow())
+            .on_conflict_do_nothing()
+            .returning(JobTick.tick)
+        ).first()
+    if won is None:
+        log.info("job %s tick=%d skipped (claimed by another replica) replica=%s", job, tick, replica)
+        return False
+    pg = engine.dialect.name == "postgresql"
+    key = zlib.crc32(job.encode())
+    with engine.connect() as lock_conn:
+        if pg and not lock_conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}):
+            log.warning("job %s tick=%d skipped: its previous run is still going", job, tick)
+            return False
+        try:
+            fn(engine, now)
+        finally:
+            if pg:
+                lock_conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                lock_conn.commit()
+    with engine.begin() as conn:
+        conn.execute(update(JobTick).where(JobTick.job == job, JobTick.tick == tick).values(finished_at=utcnow()))
+        conn.execute(delete(JobTick).where(JobTick.job == job, JobTick.tick < tick - _KEEP_TICKS))
+    log.info("job %s tick=%d ran replica=%s", job, tick, replica)
+    return True
+
+
+class Scheduler:
+    """The jobs of one process. ``add`` before ``start``; ``shutdown`` waits for a running job."""
+
+    def __init__(self, engine: Engine, *, replica: str | None = None) -> None:
+        self.engine = engine
+        self.replica = replica or replica_id()
+        self._sched = BackgroundScheduler(
+            timezone=dt.timezone.utc,
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 30},
+        )
+
+    def add(self, job: str, interval_s: float, fn: JobFn) -> None:
+        # Aligned to the epoch so every replica fires at the same instants (one tick, one winner).
+        start = dt.datetime.fromtimestamp((time.time() // interval_s + 1) * interval_s, dt.timezone.utc)
+        self._sched.add_job(
+            self._guarded,
+            "interval",
+            seconds=interval_s,
+            start_date=start,
+            id=job,
+            name=job,
+            args=(job, interval_s, fn),
+        )
+
+    def _guarded(self, job: str, interval_s: float, fn: JobFn) -> None:
+        try:
+            run_once(self.engine, job, interval_s, fn, replica=self.replica)
+        except Exception:  # a failing job must not kill the scheduler; the next tick tries again
+            log.exception("job %s failed", job)
+
+    def start(self) -> None:
+        self._sched.start()
+
+    def shutdown(self) -> None:
+        if self._sched.running:
+            self._sched.shutdown(wait=True)

@@ -1,0 +1,280 @@
+"""Writing one batch: a single transaction, idempotent on (run, rank, step), bulk inserts on the hot path.
+
+Steps are *claimed* first with INSERT .. ON CONFLICT DO NOTHING RETURNING step: only the steps this
+transaction inserted get layer/param rows, so a re-sent step is skipped entirely, and on PostgreSQL two
+replicas racing on the same step serialise on its unique key (the loser sees it as a duplicate).
+Layer and parameter rows then go in with executemany (SQLite) or COPY (PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import operator
+import secrets
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import BigInteger, Connection, Engine, String, Table, bindparam, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from layerwatch import wire
+from layerwatch_server.core.batch import Batch, LayerIn, ParamIn
+from layerwatch_server.storage.base import UTCDateTime, json_serializer, sqlite_float, utcnow
+from layerwatch_server.storage.models import (
+    Layer,
+    Param,
+    Project,
+    Run,
+    layer_stats,
+    param_stats,
+)
+
+_CLAIM_CHUNK = 1000  # rows per multi-VALUES claim (SQLite caps bound parameters)
+_SERIES_ID = operator.itemgetter(1)
+
+
+class StoreBusy(Exception):
+    """The database could not take the write in time; the client should retry later (503)."""
+
+
+@dataclass
+class IngestResult:
+    run_id: str
+    steps: int
+    duplicates: int
+    layer_rows: int
+    param_rows: int
+
+
+def _insert(conn: Connection, table: Any) -> Any:
+    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+
+
+class _LRU(OrderedDict[Any, Any]):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def put(self, key: Any, value: Any) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)
+
+
+class Ingestor:
+    """Writes batches into one database. Thread-safe; on SQLite writers take turns on a process lock."""
+
+    def __init__(self, engine: Engine, *, lock_timeout_s: float = 10.0, cache_runs: int = 256) -> None:
+        self.engine = engine
+        self.pg = engine.dialect.name == "postgresql"
+        self.lock_timeout_s = lock_timeout_s
+        self._write_lock = threading.Lock()  # SQLite has one writer; waiting here beats SQLITE_BUSY
+        self._cache_lock = threading.Lock()
+        self._runs: _LRU = _LRU(cache_runs)  # (project, key) -> run id
+        self._series: _LRU = _LRU(cache_runs * 2)  # (run id, "layer"|"param") -> {name: db id}
+
+    def write(self, batch: Batch) -> IngestResult:
+        if self.pg:
+            return self._write(batch)
+        if not self._write_lock.acquire(timeout=self.lock_timeout_s):
+            raise StoreBusy(f"database write lock not free after {self.lock_timeout_s:.0f}s")
+        try:
+            return self._write(batch)
+        finally:
+            self._write_lock.release()
+
+    def _write(self, batch: Batch) -> IngestResult:
+        learned: list[tuple[_LRU, Any, Any]] = []
+        with self.engine.begin() as conn:
+            run_id = self._run_id(conn, batch, learned)
+            new_steps = self._claim_steps(conn, run_id, batch)
+            layer_ids = self._series_ids(conn, run_id, "layer", batch.layers, learned)
+            param_ids = self._series_ids(conn, run_id, "param", batch.params, learned)
+            n_layer = self._bulk(conn, layer_stats, "layer_id", run_id, batch, new_steps, layer_ids, "layers")
+            n_param = self._bulk(conn, param_stats, "param_id", run_id, batch, new_steps, param_ids, "params")
+            self._touch(conn, run_id, batch, new_steps)
+        with self._cache_lock:  # only after commit: a rolled-back id must never be cached
+            for cache, key, value in learned:
+                cache.put(key, value)
+        return IngestResult(run_id, len(new_steps), len(batch.steps) - len(new_steps), n_layer, n_param)
+
+    def _run_id(self, conn: Connection, batch: Batch, learned: list[tuple[_LRU, Any, Any]]) -> str:
+        key = (batch.run.project, batch.run.key)
+        with self._cache_lock:
+            cached = self._runs.get(key)
+        if cached is not None:
+            return cached
+        conn.execute(_insert(conn, Project).values(name=key[0], created_at=utcnow()).on_conflict_do_nothing())
+        project_id = conn.scalar(select(Project.id).where(Project.name == key[0]))
+        now = utcnow()
+        conn.execute(
+            _insert(conn, Run)
+            .values(
+                id=secrets.token_hex(6),
+                project_id=project_id,
+                key=key[1],
+                name=batch.run.name or key[1],
+                status="running",
+                config=batch.run.config,
+                world_size=batch.run.world_size,
+                created_at=now,
+                last_seen=now,
+            )
+            .on_conflict_do_nothing()
+        )
+        run_id = conn.scalar(select(Run.id).where(Run.project_id == project_id, Run.key == key[1]))
+        learned.append((self._runs, key, run_id))
+        return run_id
+
+    def _claim_steps(self, conn: Connection, run_id: str, batch: Batch) -> dict[int, Any]:
+        """Insert the step rows; return those this transaction inserted (the others are duplicates).
+
+        Hand-written multi-VALUES SQL: Core would recompile a statement of this shape for every batch.
+        """
+        steps = sorted(batch.steps, key=lambda s: s.step)  # a fixed order: no lock-order deadlocks
+        if not steps:
+            return {}
+        mark, cast = ("%s", "CAST(%s AS JSON)") if self.pg else ("?", "?")
+        fl = (lambda v: v) if self.pg else sqlite_float
+        one = f"({', '.join([mark] * 7)}, {cast})"
+        claimed: set[int] = set()
+        for i in range(0, len(steps), _CLAIM_CHUNK):
+            chunk = steps[i : i + _CLAIM_CHUNK]
+            params: list[Any] = []
+            for s in chunk:
+                scalars = json_serializer(s.scalars) if s.scalars else None
+                params += (
+                    run_id,
+                    batch.rank,
+                    s.step,
+                    s.time,
+                    fl(s.loss),
+                    fl(s.lr),
+                    fl(s.grad_norm_total),
+                    scalars,
+                )
+            sql = (
+                f"INSERT INTO step_stats (run_id, rank, step, time, {', '.join(wire.STEP_STATS)}, scalars) "
+                f"VALUES {', '.join([one] * len(chunk))} ON CONFLICT DO NOTHING RETURNING step"
+            )
+            claimed.update(row[0] for row in conn.exec_driver_sql(sql, tuple(params)))
+        return {s.step: s for s in steps if s.step in claimed}
+
+    def _series_ids(
+        self,
+        conn: Connection,
+        run_id: str,
+        kind: str,
+        defs: list[LayerIn] | list[ParamIn],
+        learned: list[tuple[_LRU, Any, Any]],
+    ) -> dict[int, int]:
+        """Batch index -> stable DB id, by name (wire indices are only valid inside one batch)."""
+        if not defs:
+            return {}
+        with self._cache_lock:
+            known = dict(self._series.get((run_id, kind)) or {})
+        missing = sorted((d for d in defs if d.name not in known), key=lambda d: d.name)
+        if missing:
+            model = Layer if kind == "layer" else Param
+            rows = [{"run_id": run_id, **d.model_dump()} for d in missing]
+            for i in range(0, len(rows), _CLAIM_CHUNK):
+                conn.execute(_insert(conn, model).values(rows[i : i + _CLAIM_CHUNK]).on_conflict_do_nothing())
+            known.update({n: i for n, i in conn.execute(select(model.name, model.id).where(model.run_id == run_id))})
+            learned.append((self._series, (run_id, kind), known))
+        return {d.index: known[d.name] for d in defs}
+
+    def _bulk(
+        self,
+        conn: Connection,
+        table: Table,
+        id_col: str,
+        run_id: str,
+        batch: Batch,
+        new_steps: dict[int, Any],
+        ids: dict[int, int],
+        attr: str,
+    ) -> int:
+        names = batch.layer_stats if attr == "layers" else batch.param_stats
+        cols = ", ".join(["run_id", id_col, "rank", "step", *names])
+        rank = batch.rank
+        if self.pg:
+            rows = [
+                (run_id, ids[int(r[0])], rank, step, *r[1:]) for step, s in new_steps.items() for r in getattr(s, attr)
+            ]
+        else:
+            rows = [
+                (run_id, ids[int(r[0])], rank, step, *[("NaN" if v != v else v) for v in r[1:]])
+                for step, s in new_steps.items()
+                for r in getattr(s, attr)
+            ]
+        if not rows:
+            return 0
+        # In primary-key order (series, then step; the sort is stable and steps are sorted): each B-tree
+        # leaf is visited once per batch instead of once per step, ~25% less insert work on SQLite.
+        rows.sort(key=_SERIES_ID)
+        if self.pg:
+            cursor = conn.connection.driver_connection.cursor()
+            with cursor, cursor.copy(f"COPY {table.name} ({cols}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+        else:
+            marks = ", ".join("?" * (4 + len(names)))
+            conn.exec_driver_sql(f"INSERT INTO {table.name} ({cols}) VALUES ({marks})", rows)
+        return len(rows)
+
+    def _touch(self, conn: Connection, run_id: str, batch: Batch, new_steps: dict[int, Any]) -> None:
+        """Per-rank and per-run bookkeeping; the run row is updated last to keep its lock short."""
+        now = utcnow()
+        conn.execute(
+            _UPSERT_RANK,
+            {
+                "run_id": run_id,
+                "rank": batch.rank,
+                "host": batch.host,
+                "pid": batch.pid,
+                "seq": batch.seq,
+                "now": now,
+                "dr": batch.dropped.reports,
+                "db": batch.dropped.batches,
+            },
+        )
+        lo, hi = (min(new_steps), max(new_steps)) if new_steps else (None, None)
+        end = batch.end.status if batch.end is not None else None
+        conn.execute(_TOUCH_RUN, {"id": run_id, "now": now, "lo": lo, "hi": hi, "end": end})
+        # First value wins: a run's config and its first non-finite origin do not change afterwards.
+        if batch.run.config is not None:
+            conn.execute(update(Run).where(Run.id == run_id, Run.config.is_(None)).values(config=batch.run.config))
+        if batch.nonfinite_origin is not None:
+            origin = batch.nonfinite_origin.model_dump(by_alias=True)
+            conn.execute(
+                update(Run).where(Run.id == run_id, Run.nonfinite_origin.is_(None)).values(nonfinite_origin=origin)
+            )
+
+
+# Hand-written once (valid on SQLite and PostgreSQL): building these with Core per batch cost more
+# than the inserts of 500 layer rows.
+_UPSERT_RANK = text(
+    "INSERT INTO run_ranks (run_id, rank, host, pid, last_seq, last_seen, dropped_reports, dropped_batches) "
+    "VALUES (:run_id, :rank, :host, :pid, :seq, :now, :dr, :db) ON CONFLICT (run_id, rank) DO UPDATE SET "
+    "host = excluded.host, pid = excluded.pid, last_seq = excluded.last_seq, last_seen = excluded.last_seen, "
+    "dropped_reports = excluded.dropped_reports, dropped_batches = excluded.dropped_batches"
+).bindparams(bindparam("now", type_=UTCDateTime()))
+
+_TOUCH_RUN = text(
+    "UPDATE runs SET last_seen = :now, "
+    "first_step = CASE WHEN :lo IS NOT NULL AND (first_step IS NULL OR first_step > :lo) "
+    "THEN :lo ELSE first_step END, "
+    "last_step = CASE WHEN :hi IS NOT NULL AND (last_step IS NULL OR last_step < :hi) "
+    "THEN :hi ELSE last_step END, "
+    # an end status is final; a stalled run that sends new steps is running again
+    "status = CASE WHEN :end IS NOT NULL THEN :end WHEN :lo IS NOT NULL AND status = 'stalled' "
+    "THEN 'running' ELSE status END "
+    "WHERE id = :id"
+).bindparams(
+    bindparam("now", type_=UTCDateTime()),
+    bindparam("lo", type_=BigInteger()),
+    bindparam("hi", type_=BigInteger()),
+    bindparam("end", type_=String()),
+)

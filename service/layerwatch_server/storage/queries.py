@@ -1,0 +1,248 @@
+"""Read side: projects, runs, one run in detail, and one statistic over steps."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+
+from layerwatch import wire
+from layerwatch_server.storage.base import db_float
+from layerwatch_server.storage.models import (
+    Layer,
+    Param,
+    Project,
+    Rollup,
+    Run,
+    RunRank,
+    layer_stats,
+    param_stats,
+    step_stats,
+)
+
+MAX_POINTS = 200_000  # a series answer never holds more raw points than this
+
+
+class NotFound(LookupError):
+    """A run, layer or parameter that does not exist; the message says which."""
+
+
+class BadQuery(ValueError):
+    """A query that cannot be answered as asked; the message says why (422)."""
+
+
+def list_projects(engine: Engine, only: set[str] | None) -> list[dict[str, Any]]:
+    stmt = (
+        select(Project.name, Project.created_at, func.count(Run.id).label("runs"))
+        .outerjoin(Run, Run.project_id == Project.id)
+        .group_by(Project.id, Project.name, Project.created_at)
+        .order_by(Project.name)
+    )
+    if only is not None:
+        stmt = stmt.where(Project.name.in_(only))
+    with engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(stmt)]
+
+
+_RUN_COLUMNS = (
+    Run.id,
+    Run.name,
+    Project.name.label("project"),
+    Run.key,
+    Run.status,
+    Run.world_size,
+    Run.created_at,
+    Run.last_seen,
+    Run.first_step,
+    Run.last_step,
+)
+
+
+def list_runs(
+    engine: Engine, *, project: str | None, status: str | None, only: set[str] | None, limit: int
+) -> list[dict[str, Any]]:
+    stmt = select(*_RUN_COLUMNS).join(Project, Project.id == Run.project_id)
+    if project is not None:
+        stmt = stmt.where(Project.name == project)
+    if status is not None:
+        stmt = stmt.where(Run.status == status)
+    if only is not None:
+        stmt = stmt.where(Project.name.in_(only))
+    stmt = stmt.order_by(Run.last_seen.desc()).limit(limit)
+    with engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(stmt)]
+
+
+def run_project(engine: Engine, run_id: str) -> str:
+    with engine.connect() as conn:
+        name = conn.scalar(select(Project.name).join(Run, Run.project_id == Project.id).where(Run.id == run_id))
+    if name is None:
+        raise NotFound(f"run {run_id!r} not found")
+    return name
+
+
+def get_run(engine: Engine, run_id: str) -> dict[str, Any]:
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(*_RUN_COLUMNS, Run.config, Run.mlflow_run_id, Run.nonfinite_origin)
+            .join(Project, Project.id == Run.project_id)
+            .where(Run.id == run_id)
+        ).first()
+        if row is None:
+            raise NotFound(f"run {run_id!r} not found")
+        out = dict(row._mapping)
+        out["ranks"] = [
+            dict(r._mapping)
+            for r in conn.execute(
+                select(
+                    RunRank.rank,
+                    RunRank.host,
+                    RunRank.pid,
+                    RunRank.last_seen,
+                    RunRank.dropped_reports,
+                    RunRank.dropped_batches,
+                )
+                .where(RunRank.run_id == run_id)
+                .order_by(RunRank.rank)
+            )
+        ]
+        out["layers"] = [
+            dict(r._mapping)
+            for r in conn.execute(
+                select(Layer.name, Layer.type, Layer.kind, Layer.shape, Layer.units)
+                .where(Layer.run_id == run_id)
+                .order_by(Layer.index, Layer.id)
+            )
+        ]
+        out["params"] = [
+            dict(r._mapping)
+            for r in conn.execute(
+                select(Param.name, Param.shape, Param.numel)
+                .where(Param.run_id == run_id)
+                .order_by(Param.index, Param.id)
+            )
+        ]
+    return out
+
+
+def series(
+    engine: Engine,
+    run_id: str,
+    *,
+    layer: str | None,
+    stat: str,
+    rank: int,
+    start: int | None,
+    end: int | None,
+    max_points: int | None,
+) -> list[dict[str, Any]]:
+    """Points ``{"step", "value"}`` in step order, steps where the statistic was not measured left out;
+    rolled-up buckets add ``min``/``max``."""
+    with engine.connect() as conn:
+        if conn.scalar(select(Run.id).where(Run.id == run_id)) is None:
+            raise NotFound(f"run {run_id!r} not found")
+        scalar_name: str | None = None
+        if layer is None:
+            if stat in wire.LAYER_STATS or stat in wire.PARAM_STATS:
+                raise BadQuery(f"stat {stat!r} is per layer/parameter: give layer=<name>")
+            kind, series_id = "step", 0
+            table = step_stats
+            if stat in wire.STEP_STATS:
+                value_col = step_stats.c[stat]
+            else:  # a user scalar, kept in the scalars JSON of each step
+                scalar_name, value_col = stat, step_stats.c.scalars
+            where = [table.c.run_id == run_id]
+        else:
+            if stat in wire.LAYER_STATS:
+                kind, model, table = "layer", Layer, layer_stats
+            elif stat in wire.PARAM_STATS:
+                kind, model, table = "param", Param, param_stats
+            else:
+                known = list(wire.LAYER_STATS + wire.PARAM_STATS)
+                raise BadQuery(f"stat {stat!r} is not a layer or parameter statistic; known: {known}")
+            series_id = conn.scalar(select(model.id).where(model.run_id == run_id, model.name == layer))
+            if series_id is None:
+                raise NotFound(f"{kind} {layer!r} not found in run {run_id!r}")
+            value_col = table.c[stat]
+            where = [table.c.run_id == run_id, table.c[f"{kind}_id"] == series_id]
+        where.append(table.c.rank == rank)
+        if start is not None:
+            where.append(table.c.step >= start)
+        if end is not None:
+            where.append(table.c.step <= end)
+        rows = conn.execute(
+            select(table.c.step, value_col).where(*where).order_by(table.c.step).limit(MAX_POINTS)
+        ).all()
+        rollups = _rollups(conn, run_id, kind, series_id, stat, rank, start, end)
+    if scalar_name is not None:
+        points = [{"step": s, "value": _scalar(v, scalar_name)} for s, v in rows]
+    else:
+        points = [{"step": s, "value": db_float(v)} for s, v in rows]
+    # A null is "not measured at this step" (dead_frac between window ends, full parameter statistics
+    # between their steps): a series holds the measurements only.
+    points = [p for p in points if p["value"] is not None]
+    if max_points is not None:
+        points = downsample(points, max_points)
+    return sorted(rollups + points, key=lambda p: p["step"])
+
+
+def _scalar(scalars: dict[str, Any] | None, name: str) -> float | None:
+    if not scalars or name not in scalars:
+        return None
+    return db_float(scalars[name])
+
+
+def _rollups(
+    conn: Any,
+    run_id: str,
+    kind: str,
+    series_id: int,
+    stat: str,
+    rank: int,
+    start: int | None,
+    end: int | None,
+) -> list[dict[str, Any]]:
+    where = [
+        Rollup.run_id == run_id,
+        Rollup.series == kind,
+        Rollup.series_id == series_id,
+        Rollup.stat == stat,
+        Rollup.rank == rank,
+    ]
+    if start is not None:
+        where.append(Rollup.bucket_end >= start)
+    if end is not None:
+        where.append(Rollup.bucket_start <= end)
+    return [
+        {"step": r.bucket_start, "value": r.mean, "min": r.min, "max": r.max}
+        for r in conn.execute(select(Rollup.__table__).where(*where).order_by(Rollup.bucket_start))
+    ]
+
+
+def _order(value: float | None) -> float:
+    """Sort key where NaN ranks above +Inf: a NaN in a bucket is kept as the bucket's maximum."""
+    if value is None:
+        return -math.inf
+    return math.inf if value != value else value
+
+
+def downsample(points: Sequence[dict[str, Any]], max_points: int) -> list[dict[str, Any]]:
+    """At most ``max_points`` points: per bucket of steps, the minimum and the maximum, in step order.
+
+    Averaging would hide exactly what this tool is for (a spike, a NaN), so extremes are kept instead.
+    """
+    n = len(points)
+    if n <= max_points:
+        return list(points)
+    buckets = max(1, max_points // 2)
+    out: list[dict[str, Any]] = []
+    for b in range(buckets):
+        chunk = [p for p in points[b * n // buckets : (b + 1) * n // buckets] if p["value"] is not None]
+        if not chunk:
+            continue
+        lo = min(chunk, key=lambda p: _order(p["value"]))
+        hi = max(chunk, key=lambda p: _order(p["value"]))
+        out.extend(sorted({id(lo): lo, id(hi): hi}.values(), key=lambda p: p["step"]))
+    return out

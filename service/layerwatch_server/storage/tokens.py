@@ -1,0 +1,62 @@
+"""API tokens: created once and shown once, stored as SHA-256 only, looked up by hash."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, insert, select, update
+
+from layerwatch_server.storage.base import utcnow
+from layerwatch_server.storage.models import ALL_PROJECTS, SCOPES, Token
+
+PREFIX = "lw_"
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a token allows: a scope on one project (or on every project for ``*``)."""
+
+    project: str
+    scope: str
+
+    def allows(self, project: str, need: str) -> bool:
+        if self.project not in (project, ALL_PROJECTS):
+            return False
+        return self.scope == "admin" or self.scope == need
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_token(engine: Engine, project: str, scope: str) -> str:
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}")
+    if project == ALL_PROJECTS and scope != "admin":
+        raise ValueError("only an admin token can cover every project ('*')")
+    token = PREFIX + secrets.token_urlsafe(32)
+    with engine.begin() as conn:
+        conn.execute(
+            insert(Token).values(project=project, scope=scope, token_hash=hash_token(token), created_at=utcnow())
+        )
+    return token
+
+
+def revoke_token(engine: Engine, token: str) -> bool:
+    with engine.begin() as conn:
+        res = conn.execute(
+            update(Token)
+            .where(Token.token_hash == hash_token(token), Token.revoked_at.is_(None))
+            .values(revoked_at=utcnow())
+        )
+    return res.rowcount > 0
+
+
+def lookup(engine: Engine, token: str) -> Grant | None:
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(Token.project, Token.scope).where(Token.token_hash == hash_token(token), Token.revoked_at.is_(None))
+        ).first()
+    return Grant(row.project, row.scope) if row else None

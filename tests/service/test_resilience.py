@@ -1,0 +1,64 @@
+"""Overload and database trouble: 429/503 with Retry-After, nothing written, never another 5xx."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+
+from layerwatch_server.app import create_app
+from layerwatch_server.core.config import Settings
+
+from .batches import make_batch, post
+from .test_ingest import total_rows
+
+
+def test_overload_answers_429(engine, db_url):
+    app = create_app(Settings(db_url=db_url, no_auth=True, scheduler=False, max_inflight=1), engine)
+    with TestClient(app) as client:
+        state = app.state.lw
+        before = total_rows(engine)
+        with state.admission:  # the one slot is taken
+            resp = post(client, make_batch("busy", project="p429"))
+        assert resp.status_code == 429 and resp.headers["Retry-After"] == "1"
+        assert total_rows(engine) == before
+        assert post(client, make_batch("busy", project="p429")).status_code == 202
+
+
+def test_sqlite_write_lock_timeout_answers_503(tmp_path):
+    from layerwatch_server.storage.migrations import upgrade
+
+    url = f"sqlite:///{tmp_path}/lock.db"
+    upgrade(url)
+    app = create_app(Settings(db_url=url, no_auth=True, scheduler=False, db_timeout_s=0.2))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        lock = app.state.lw.ingestor._write_lock
+        with lock:  # another writer holds the database
+            resp = post(client, make_batch("k", project="p503"))
+        assert resp.status_code == 503 and "Retry-After" in resp.headers
+        assert post(client, make_batch("k", project="p503")).status_code == 202
+
+
+def test_database_down_answers_503():
+    url = "postgresql+psycopg://postgres@127.0.0.1:1/nowhere"  # nothing listens there
+    app = create_app(Settings(db_url=url, no_auth=True, scheduler=False, db_timeout_s=1))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        resp = post(client, make_batch("k", project="pdown"))
+        assert resp.status_code == 503 and resp.headers["Retry-After"] == "1", resp.text
+        assert "nothing was written" in resp.json()["detail"]
+        ready = client.get("/readyz")
+        assert ready.status_code == 503
+        assert client.get("/api/v1/projects").status_code == 503
+        assert client.get("/healthz").status_code == 200
+
+
+def test_failing_ingest_hook_does_not_fail_a_committed_batch(engine, db_url):
+    app = create_app(Settings(db_url=db_url, no_auth=True, scheduler=False), engine)
+
+    def broken(batch, result):
+        raise RuntimeError("rule bug")
+
+    app.state.lw.extras["ingest_hooks"].append(broken)
+    app.state.lw.extras["ingest_hooks"].append(lambda batch, result: [{"rule": "demo", "run": result.run_id}])
+    with TestClient(app) as client:
+        resp = post(client, make_batch("hooked", project="phook"))
+    assert resp.status_code == 202
+    assert resp.json()["alerts"] == [{"rule": "demo", "run": resp.json()["run_id"]}]

@@ -33,8 +33,11 @@ def main() -> None:
     inputs = torch.randn(4096, 32)
     labels = (inputs @ torch.randn(32, 10)).argmax(1)
     model = nn.Sequential(
-        nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
-    )
+        nn.Linear(32, 256), nn.ReLU(),
+        nn.Linear(256, 256), nn.ReLU(),
+        nn.Linear(256, 256), nn.ReLU(),
+        nn.Linear(256, 10),
+    )  # fmt: skip
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     run_name = f"mlp-lr{args.lr}"
     with layerwatch.watch(model, run_name=run_name, project=args.project, url=args.url, every=20,
@@ -49,11 +52,12 @@ def main() -> None:
     print(f"run {run_name} ({mon.run_id}): final loss {loss.item():.3f}")
     for alert in mon.alerts:
         print(f"  ALERT {alert.rule} [{alert.state}] {alert.layer or ''}: {alert.message}")
+    token = os.environ.get("LAYERWATCH_TOKEN")
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     if mon.run_id:
         for layer in ("1", "3", "5"):
             query = urllib.parse.urlencode({"layer": layer, "stat": "dead_frac"})
             url = f"{args.url}/api/v1/runs/{mon.run_id}/series?{query}"
-            headers = {"Authorization": f"Bearer {os.environ['LAYERWATCH_TOKEN']}"} if "LAYERWATCH_TOKEN" in os.environ else {}
             with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
                 points = json.loads(response.read())["points"]
             dead = [p["value"] for p in points if isinstance(p["value"], float)]

@@ -10,9 +10,11 @@ import time
 import httpx
 import pytest
 import torch
+from click.testing import CliRunner
 from torch import nn
 
 import layerwatch
+from layerwatch.cli import main as cli
 from tests.service.dbs import fresh_pg_database
 from tests.service.server import free_port, running_server
 
@@ -65,3 +67,15 @@ def test_training_run_survives_a_collector_restart_and_lands_exactly_once(db_url
             assert [p["value"] for p in dead["points"]] == [0.5] * 16  # one value per 5-step window
             detail = http.get(f"/api/v1/runs/{run_id}").json()
             assert [layer["name"] for layer in detail["layers"]] == ["0", "1", "2", "3"]
+            latest = http.get(f"/api/v1/runs/{run_id}/latest").json()
+            assert latest["layers"][0]["dead_frac"] == 0.5 and latest["layers"][0]["step"] == 79
+        # The CLI for people reads the same API.
+        runner = CliRunner()
+        listed = runner.invoke(cli, ["runs", "--url", base])
+        assert listed.exit_code == 0 and "e2e" in listed.output and "finished" in listed.output
+        shown = runner.invoke(cli, ["show", run_id, "--url", base])
+        assert shown.exit_code == 0 and "ReLU" in shown.output
+        tailed = runner.invoke(cli, ["tail", run_id, "--url", base, "--once"])
+        assert tailed.exit_code == 0, tailed.output
+        first_row = next(line for line in tailed.output.splitlines() if "ReLU" in line)
+        assert "0.5" in first_row  # the half-dead ReLU layer is on top

@@ -207,29 +207,15 @@ def tail(run_id: str, url: str, token: str | None, interval: float, rows: int, o
 
     def render() -> Table:
         run = _get(url, f"/api/v1/runs/{run_id}", token)
-        latest: dict[str, dict[str, Any]] = {}
-        for stat in TAIL_STATS:
-            for layer in run.get("layers", []):
-                name = layer["name"]
-                series = _get(
-                    url,
-                    f"/api/v1/runs/{run_id}/series",
-                    token,
-                    layer=name,
-                    stat=stat,
-                    max_points=1,
-                    start=max((run.get("last_step") or 0) - 50, 0),
-                )
-                points = series.get("points") or []
-                if points:
-                    latest.setdefault(name, {})[stat] = points[-1]["value"]
-        order = sorted(latest, key=lambda n: -_num(latest[n].get("dead_frac")))
+        latest = _get(url, f"/api/v1/runs/{run_id}/latest", token)["layers"]
+        latest.sort(key=lambda layer: (-_num(layer.get("dead_frac")), -_num(layer.get("nonfinite"))))
         table = Table(title=f"{run.get('name')} [{run.get('status')}] step {_fmt(run.get('last_step'))}")
         table.add_column("layer")
+        table.add_column("type")
         for stat in TAIL_STATS:
             table.add_column(stat, justify="right")
-        for name in order[:rows]:
-            table.add_row(name, *(_fmt(latest[name].get(s)) for s in TAIL_STATS))
+        for layer in latest[:rows]:
+            table.add_row(layer["name"], layer.get("type", ""), *(_fmt(layer.get(s)) for s in TAIL_STATS))
         return table
 
     if once:

@@ -246,3 +246,44 @@ def downsample(points: Sequence[dict[str, Any]], max_points: int) -> list[dict[s
         hi = max(chunk, key=lambda p: _order(p["value"]))
         out.extend(sorted({id(lo): lo, id(hi): hi}.values(), key=lambda p: p["step"]))
     return out
+
+
+def latest(engine: Engine, run_id: str, *, rank: int, lookback: int) -> dict[str, Any]:
+    """Each layer's most recent measured value of every statistic within the last ``lookback`` steps.
+
+    What a live view needs in one read: a layer's dead_frac is measured only at window ends, its other
+    statistics every step, so "latest" is per statistic.
+    """
+    with engine.connect() as conn:
+        last_step = conn.scalar(select(Run.last_step).where(Run.id == run_id))
+        if last_step is None and conn.scalar(select(Run.id).where(Run.id == run_id)) is None:
+            raise NotFound(f"run {run_id!r} not found")
+        layers = conn.execute(
+            select(Layer.id, Layer.name, Layer.type, Layer.kind).where(Layer.run_id == run_id).order_by(Layer.id)
+        ).all()
+        stat_cols = [layer_stats.c[name] for name in wire.LAYER_STATS]
+        rows = conn.execute(
+            select(layer_stats.c.layer_id, layer_stats.c.step, *stat_cols)
+            .where(
+                layer_stats.c.run_id == run_id,
+                layer_stats.c.rank == rank,
+                layer_stats.c.step >= (last_step or 0) - lookback,
+            )
+            .order_by(layer_stats.c.step)
+        ).all()
+    values: dict[int, dict[str, Any]] = {}
+    for layer_id, step, *stats in rows:
+        seen = values.setdefault(layer_id, {})
+        for name, raw in zip(wire.LAYER_STATS, stats, strict=True):
+            if raw is not None:
+                seen[name] = db_float(raw)
+                seen["step"] = step
+    return {
+        "run_id": run_id,
+        "rank": rank,
+        "last_step": last_step,
+        "layers": [
+            {"name": name, "type": type_, "kind": kind, **values.get(layer_id, {})}
+            for layer_id, name, type_, kind in layers
+        ],
+    }

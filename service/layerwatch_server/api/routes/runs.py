@@ -68,3 +68,20 @@ def get_series(
         state.engine, run_id, layer=layer, stat=stat, rank=rank, start=start, end=end, max_points=max_points
     )
     return JSONResponse({"run_id": run_id, "layer": layer, "stat": stat, "rank": rank, "points": finite_json(points)})
+
+
+@router.get(
+    "/runs/{run_id}/latest",
+    responses={404: {"model": Problem}},
+    description="Each layer's most recent value of every layer statistic within the last `lookback` steps "
+    '(what `layerwatch tail` shows). Non-finite values are the strings "NaN", "Infinity", "-Infinity".',
+)
+def get_latest(
+    state: StateDep,
+    grant: GrantDep,
+    run_id: str,
+    rank: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+    lookback: Annotated[int, Query(ge=1, le=100_000)] = 200,
+) -> Any:
+    authorize(grant, queries.run_project(state.engine, run_id), "read")
+    return JSONResponse(finite_json(queries.latest(state.engine, run_id, rank=rank, lookback=lookback)))

@@ -12,6 +12,7 @@ Bare and instrumented steps alternate in blocks so drift of the machine hits bot
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import statistics
 import sys
@@ -21,36 +22,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "client"))
 import layerwatch
-
-SYNCING = {
-    torch.Tensor.item,
-    torch.Tensor.tolist,
-    torch.Tensor.cpu,
-    torch.Tensor.numpy,
-    torch.Tensor.__bool__,
-    torch.Tensor.__float__,
-    torch.Tensor.__int__,
-    torch.Tensor.nonzero,
-    torch.nonzero,
-    torch.Tensor.any,  # only when the result is read, but flagged anyway
-}
-
-
-class SyncCounter(TorchFunctionMode):
-    """Counts calls that read a tensor's value on the host (each would wait for the device)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in SYNCING:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
+from layerwatch.syncs import HostReads
 
 
 def mlp() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
@@ -142,23 +117,20 @@ def sync_now(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed_steps(model, opt, x, y, n: int, mon=None, counter: SyncCounter | None = None) -> list[float]:
+def timed_steps(model, opt, x, y, n: int, mon=None, counter: HostReads | None = None) -> list[float]:
     device = x.device
     loss_fn = nn.CrossEntropyLoss()
     times = []
     for _ in range(n):
         sync_now(device)
         start = time.perf_counter()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        if mon is not None:
-            if counter is not None:
-                with counter:
-                    mon.step(loss=loss, lr=0.01)
-            else:
+        with counter if counter is not None else contextlib.nullcontext():  # hooks, step(): the whole step
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            if mon is not None:
                 mon.step(loss=loss, lr=0.01)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         sync_now(device)
         times.append(time.perf_counter() - start)
     return times
@@ -200,12 +172,12 @@ def bench_model(name: str, build, device: torch.device, steps: int, block: int, 
                 mon.recorder.detach()
                 mon.recorder.attach(_watched(model, mon))
             results[label] += timed_steps(model, opt, x, y, block, mon)
-    counter = SyncCounter()
+    counter = HostReads()
     monitors["every=10"].recorder.detach()
     monitors["every=10"].recorder.attach(_watched(model, monitors["every=10"]))
     with counter:
         timed_steps(model, opt, x, y, 20, monitors["every=10"])
-    syncs_per_step = counter.count / 20
+    syncs_per_step = len(counter.calls) / 20
     rss_after = rss_mb()
     for mon in monitors.values():
         mon.close()

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 import layerwatch
+from layerwatch.syncs import HostReads
 from tests.client.conftest import layer_rows, read_spool
 
 
@@ -236,32 +236,10 @@ def test_include_and_exclude_patterns_and_types(tmp_path):
     assert [entry["name"] for entry in read_spool(tmp_path)[0]["layers"]] == ["0", "3"]
 
 
-class SyncCounter(TorchFunctionMode):
-    READS = {
-        torch.Tensor.item,
-        torch.Tensor.tolist,
-        torch.Tensor.cpu,
-        torch.Tensor.numpy,
-        torch.Tensor.__bool__,
-        torch.Tensor.__float__,
-        torch.Tensor.__int__,
-        torch.Tensor.nonzero,
-    }
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.READS:
-            self.calls.append(getattr(func, "__name__", str(func)))
-        return func(*args, **(kwargs or {}))
-
-
 def test_the_training_thread_never_reads_a_tensor_value(tmp_path):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2), nn.Sigmoid())
     mon = offline(model, tmp_path, every=3, window=2)
-    counter = SyncCounter()
+    counter = HostReads()
     with counter:
         for _ in range(7):
             loss = model(torch.randn(2, 3, 8, 8)).mean()

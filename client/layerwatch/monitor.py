@@ -133,14 +133,15 @@ class Monitor:
         self._dispatch_alerts()
         if self._failed:
             return
+        values = _checked_scalars({"loss": loss, "lr": lr, **scalars})  # a caller's mistake is raised, not hidden
         try:
-            self._record_step(loss, lr, step, scalars)
+            self._record_step(values, step)
         except Exception:
             self._failed = True
             self.recorder.failed = True
             log.exception("layerwatch: monitoring disabled after an internal error; training continues")
 
-    def _record_step(self, loss, lr, step, scalars) -> None:
+    def _record_step(self, values: dict[str, torch.Tensor | float], step: int | None) -> None:
         number = self._next_step if step is None else int(step)
         self._next_step = number + 1
         meta = StepMeta(step=number, time=time.time(), calls=self.recorder.current)
@@ -156,16 +157,12 @@ class Monitor:
                     tensors.append(stats.param_raw([p.detach() for _, p in present], grads))
                 else:
                     tensors.append(stats.grad_norms(grads))
-        for name, value in {"loss": loss, "lr": lr, **scalars}.items():
-            if value is None:
-                continue
+        for name, value in values.items():
             if isinstance(value, torch.Tensor):
-                if value.numel() != 1:
-                    raise ValueError(f"step({name}=...) takes a scalar, got a tensor of shape {tuple(value.shape)}")
                 tensors.append(value.detach().reshape(1).float())
                 meta.tensor_scalars.append(name)
             else:
-                meta.host_scalars[name] = float(value)
+                meta.host_scalars[name] = value
         self.recorder.end_step()
         self._recorded += 1
         self._steps.append(meta)
@@ -277,6 +274,23 @@ class Monitor:
             self.close("finished")
         else:
             self.close("killed" if issubclass(exc_type, KeyboardInterrupt) else "failed")
+
+
+def _checked_scalars(values: dict[str, Any]) -> dict[str, torch.Tensor | float]:
+    """The step's scalars without the Nones; a value that is not one number is refused, naming it."""
+    checked: dict[str, torch.Tensor | float] = {}
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"step({name}=...) takes a scalar, got a tensor of shape {tuple(value.shape)}")
+            checked[name] = value
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            checked[name] = float(value)
+        else:
+            raise TypeError(f"step({name}=...) takes a number or a 0-d tensor, got {type(value).__name__}")
+    return checked
 
 
 def _to_host(flat: torch.Tensor) -> tuple[torch.Tensor, Any]:

@@ -279,6 +279,18 @@ def test_invalid_arguments_are_refused_with_a_message():
         layerwatch.watch(nn.Linear(2, 2), evry=3)
 
 
+def test_bad_step_values_are_refused_naming_the_value(tmp_path):
+    model = nn.Sequential(nn.Linear(2, 2))
+    mon = offline(model, tmp_path)
+    with pytest.raises(ValueError, match=r"step\(loss=...\) takes a scalar"):
+        mon.step(loss=torch.ones(3))
+    with pytest.raises(TypeError, match=r"step\(accuracy=...\) takes a number"):
+        mon.step(accuracy="high")
+    mon.step(loss=torch.tensor(1.0))  # monitoring still works after a refused call
+    mon.close()
+    assert len(read_spool(tmp_path)[0]["steps"]) == 1
+
+
 def test_disabled_mode_hooks_nothing():
     model = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
     mon = layerwatch.watch(model, mode="disabled")

@@ -74,19 +74,10 @@ class Block(nn.Module):
 
 def resnet_style() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     layers: list[nn.Module] = [nn.Conv2d(3, 64, 3, padding=1), nn.ReLU()]
+    width = 64
     for channels in (64, 128, 256):
-        layers += [
-            nn.Conv2d(
-                layers[-2].out_channels if isinstance(layers[-2], nn.Conv2d) else channels // 2,
-                channels,
-                3,
-                stride=2,
-                padding=1,
-            ),
-            nn.ReLU(),
-            Block(channels),
-            Block(channels),
-        ]
+        layers += [nn.Conv2d(width, channels, 3, stride=2, padding=1), nn.ReLU(), Block(channels), Block(channels)]
+        width = channels
     model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 100))
     return model, torch.randn(128, 3, 64, 64), torch.randint(0, 100, (128,))
 

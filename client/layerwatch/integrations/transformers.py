@@ -109,7 +109,9 @@ class LayerwatchCallback(TrainerCallback):
         if isinstance(loss, int | float):  # training logs only: eval logs say "eval_loss"
             self._logged_loss = float(loss)
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._session.close("finished")
 
 

@@ -40,8 +40,9 @@ def main() -> None:
     )  # fmt: skip
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     run_name = f"mlp-lr{args.lr}"
-    with layerwatch.watch(model, run_name=run_name, project=args.project, url=args.url, every=20,
-                          config={"lr": args.lr, "momentum": 0.9}) as mon:
+    with layerwatch.watch(
+        model, run_name=run_name, project=args.project, url=args.url, every=20, config={"lr": args.lr, "momentum": 0.9}
+    ) as mon:
         for _ in range(args.steps):
             batch = torch.randint(0, len(inputs), (128,))
             loss = nn.functional.cross_entropy(model(inputs[batch]), labels[batch])

@@ -9,25 +9,23 @@ layerwatch caught: the alerts it raised and each ReLU layer's share of dead unit
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import urllib.parse
 import urllib.request
 
 import torch
+from _common import parser, report
 from torch import nn
 
 import layerwatch
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lr", type=float, default=0.5)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--url", default=os.environ.get("LAYERWATCH_URL", "http://127.0.0.1:8765"))
-    parser.add_argument("--project", default="examples")
-    args = parser.parse_args()
+    p = parser(__doc__)
+    p.add_argument("--lr", type=float, default=0.5)
+    p.add_argument("--steps", type=int, default=300)
+    args = p.parse_args()
 
     torch.manual_seed(0)
     inputs = torch.randn(4096, 32)
@@ -50,9 +48,8 @@ def main() -> None:
             mon.step(loss=loss, lr=args.lr)
             opt.step()
             opt.zero_grad()
-    print(f"run {run_name} ({mon.run_id}): final loss {loss.item():.3f}")
-    for alert in mon.alerts:
-        print(f"  ALERT {alert.rule} [{alert.state}] {alert.layer or ''}: {alert.message}")
+    print(f"final loss {loss.item():.3f}")
+    report(mon)
     token = os.environ.get("LAYERWATCH_TOKEN")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     if mon.run_id:

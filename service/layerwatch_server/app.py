@@ -20,6 +20,7 @@ from layerwatch_server.core.state import Admission, AppState, TokenCache
 from layerwatch_server.jobs.hooks import run_hooks
 from layerwatch_server.jobs.retention import retention_job
 from layerwatch_server.jobs.scheduler import Scheduler
+from layerwatch_server.mirrors import mlflow_mirror
 from layerwatch_server.storage.engine import Checkpointer, make_engine
 from layerwatch_server.storage.ingest import Ingestor
 from layerwatch_server.storage.migrations import head_revisions
@@ -37,7 +38,7 @@ def build_state(settings: Settings, engine: Engine | None = None) -> AppState:
         admission=Admission(settings.max_inflight),
         heads=head_revisions(settings.db_url),
         ingest_limiter=CapacityLimiter(2 if engine.dialect.name == "sqlite" else settings.pool_size),
-        extras={"ingest_hooks": [], "rule_hooks": []},
+        extras={"ingest_hooks": [], "rule_hooks": [], "mlflow_mirror": mlflow_mirror.from_settings(settings)},
     )
 
 
@@ -64,6 +65,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 retention_job(settings.retention_days, settings.rollup_bucket_steps),
             )
             scheduler.add("rules", settings.job_interval_s, run_hooks(state.extras["rule_hooks"]))
+            if state.extras["mlflow_mirror"] is not None:
+                scheduler.add("mlflow", settings.mlflow_interval_s, state.extras["mlflow_mirror"].tick)
             scheduler.start()
             state.extras["scheduler"] = scheduler
         try:

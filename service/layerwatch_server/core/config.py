@@ -66,8 +66,8 @@ class Settings(BaseSettings):
     mlflow_max_keys: int = Field(1000, ge=0, description="Per-layer/parameter metric keys per MLflow run.")
 
     # Prometheus /metrics (layerwatch_server.observability)
-    metrics_layer_stats: list[str] = Field(["dead_frac", "zero_frac", "nonfinite"], description="Layer gauges.")
-    metrics_param_stats: list[str] = Field(["grad_norm"], description="Parameter gauges.")
+    metrics_layer_stats: list[str] = Field(["dead_frac"], description="Per-layer gauges.")
+    metrics_param_stats: list[str] = Field([], description="Per-parameter gauges.")
     metrics_max_layers: int = Field(64, ge=0, description="Layers (and params) per run exposed, in model order.")
     metrics_layer_regex: str = Field("", description="Only layers/params whose name matches (re.search).")
     metrics_stale_s: float = Field(900.0, gt=0, description="Drop a run's series when it sent nothing this long.")

@@ -148,14 +148,14 @@ def test_real_collector_mirrors_in_the_background(tmp_path, mlflow_url):
     assert len(_mlflow(mlflow_url).get_metric_history(ml_id, "layerwatch/dead_frac_max")) == 20
 
 
-def test_backfill_command_into_another_tracking_uri(collector, tmp_path):
+def test_backfill_command(collector, mlflow_url):
     from click.testing import CliRunner
 
     from layerwatch_server.cli import main
 
     client, engine = collector
     run_id = post(client, make_batch(unique("run"), steps=range(4), end="finished")).json()["run_id"]
-    target = f"sqlite:///{tmp_path}/other-mlflow.db"
+    target = mlflow_url
     db = str(engine.url)
     result = CliRunner().invoke(main, ["backfill-mlflow", run_id, "--db", db, "--mlflow-tracking-uri", target])
     assert result.exit_code == 0, result.output

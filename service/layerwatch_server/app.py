@@ -13,13 +13,15 @@ from fastapi.openapi.utils import get_openapi
 from sqlalchemy import Engine
 
 from layerwatch_server.api import errors
-from layerwatch_server.api.routes import health, ingest, runs
+from layerwatch_server.api.routes import health, ingest, metrics, runs
 from layerwatch_server.core.batch import Batch
 from layerwatch_server.core.config import Settings
 from layerwatch_server.core.state import Admission, AppState, TokenCache
 from layerwatch_server.jobs.hooks import run_hooks
 from layerwatch_server.jobs.retention import retention_job
 from layerwatch_server.jobs.scheduler import Scheduler
+from layerwatch_server.mirrors import mlflow_mirror
+from layerwatch_server.observability.telemetry import MetricsMiddleware, Telemetry
 from layerwatch_server.storage.engine import Checkpointer, make_engine
 from layerwatch_server.storage.ingest import Ingestor
 from layerwatch_server.storage.migrations import head_revisions
@@ -29,7 +31,8 @@ log = logging.getLogger("layerwatch_server")
 
 def build_state(settings: Settings, engine: Engine | None = None) -> AppState:
     engine = engine or make_engine(settings.db_url, timeout_s=settings.db_timeout_s, pool_size=settings.pool_size)
-    return AppState(
+    telemetry = Telemetry.from_settings(settings)
+    state = AppState(
         settings=settings,
         engine=engine,
         ingestor=Ingestor(engine, lock_timeout_s=settings.db_timeout_s),
@@ -37,8 +40,15 @@ def build_state(settings: Settings, engine: Engine | None = None) -> AppState:
         admission=Admission(settings.max_inflight),
         heads=head_revisions(settings.db_url),
         ingest_limiter=CapacityLimiter(2 if engine.dialect.name == "sqlite" else settings.pool_size),
-        extras={"ingest_hooks": [], "rule_hooks": []},
+        extras={
+            "ingest_hooks": [telemetry.ingest_hook],
+            "rule_hooks": [],
+            "mlflow_mirror": mlflow_mirror.from_settings(settings),
+            "telemetry": telemetry,
+        },
     )
+    telemetry.watch(state)
+    return state
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
@@ -64,6 +74,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 retention_job(settings.retention_days, settings.rollup_bucket_steps),
             )
             scheduler.add("rules", settings.job_interval_s, run_hooks(state.extras["rule_hooks"]))
+            if state.extras["mlflow_mirror"] is not None:
+                scheduler.add("mlflow", settings.mlflow_interval_s, state.extras["mlflow_mirror"].tick)
             scheduler.start()
             state.extras["scheduler"] = scheduler
         try:
@@ -85,6 +97,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.state.lw = state
     errors.install(app, settings.retry_after_s)
     app.include_router(health.router)
+    app.include_router(metrics.router)
+    app.add_middleware(MetricsMiddleware, telemetry=state.extras["telemetry"])
     app.include_router(ingest.router, prefix="/api/v1")
     app.include_router(runs.router, prefix="/api/v1")
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]

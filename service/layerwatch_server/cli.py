@@ -45,6 +45,11 @@ def main() -> None:
 @_config
 @click.option("--no-auth", is_flag=True, default=None, help="Disable tokens (local single-user use).")
 @click.option("--force-no-auth", is_flag=True, default=None, help="Allow --no-auth on a non-loopback host.")
+@click.option(
+    "--mlflow-tracking-uri",
+    default=None,
+    help="Mirror runs to this MLflow; 'off' disables [env LAYERWATCH_MLFLOW_TRACKING_URI].",
+)
 def serve(**flags: Any) -> None:
     """Run the collector. Refuses a database whose schema is not at head.
 
@@ -87,6 +92,29 @@ def migrate(**flags: Any) -> None:
     settings = _settings(**flags)
     migrations.upgrade(settings.db_url)
     click.echo(f"database at {sorted(migrations.head_revisions(settings.db_url))}", err=True)
+
+
+@main.command("backfill-mlflow")
+@click.argument("run_id")
+@click.option("--mlflow-tracking-uri", default=None, help="Target MLflow [env LAYERWATCH_MLFLOW_TRACKING_URI].")
+@_db
+@_config
+def backfill_mlflow(run_id: str, **flags: Any) -> None:
+    """Re-mirror RUN_ID from the database into a new MLflow run (e.g. on a new MLflow server)."""
+    from layerwatch_server.mirrors.mlflow_mirror import from_settings
+
+    settings = _settings(**flags)
+    mirror = from_settings(settings)
+    if mirror is None:
+        raise click.ClickException("MLflow mirroring is off; pass --mlflow-tracking-uri")
+    engine = make_engine(settings.db_url)
+    try:
+        last = mirror.backfill(engine, run_id)
+    except LookupError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        engine.dispose()
+    click.echo(f"run {run_id} mirrored to {settings.mlflow_uri} up to step {last}", err=True)
 
 
 @main.group()

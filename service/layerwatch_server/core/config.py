@@ -19,6 +19,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from layerwatch import wire
+
 DEFAULT_DATA_DIR = Path("layerwatch-data")
 DEFAULT_DB_URL = f"sqlite:///{DEFAULT_DATA_DIR / 'layerwatch.db'}"
 
@@ -50,6 +52,27 @@ class Settings(BaseSettings):
     retention_interval_s: float = Field(3600.0, gt=0, description="Seconds between retention ticks.")
     job_interval_s: float = Field(60.0, gt=0, description="Seconds between rule-hook ticks.")
 
+    # MLflow mirror (layerwatch_server.mirrors); see docs/production.md
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="Where runs are mirrored: an MLflow tracking URI (http://mlflow:5000, sqlite:///...), or "
+        "'off'. Default: sqlite mlflow.db next to a SQLite database (`mlflow ui --backend-store-uri` it); off "
+        "with PostgreSQL.",
+    )
+    mlflow_interval_s: float = Field(2.0, gt=0, description="Seconds between mirror ticks.")
+    mlflow_stride: int = Field(1, ge=1, description="Mirror steps that are multiples of this (sparse stats always).")
+    mlflow_layer_stats: list[str] = Field(["dead_frac", "act_std"], description="Per-layer stats mirrored.")
+    mlflow_param_stats: list[str] = Field(["grad_norm"], description="Per-parameter stats mirrored.")
+    mlflow_max_keys: int = Field(1000, ge=0, description="Per-layer/parameter metric keys per MLflow run.")
+
+    # Prometheus /metrics (layerwatch_server.observability)
+    metrics_layer_stats: list[str] = Field(["dead_frac"], description="Per-layer gauges.")
+    metrics_param_stats: list[str] = Field([], description="Per-parameter gauges.")
+    metrics_max_layers: int = Field(64, ge=0, description="Layers (and params) per run exposed, in model order.")
+    metrics_layer_regex: str = Field("", description="Only layers/params whose name matches (re.search).")
+    metrics_stale_s: float = Field(900.0, gt=0, description="Drop a run's series when it sent nothing this long.")
+    metrics_ended_s: float = Field(300.0, ge=0, description="Keep an ended run's series this long.")
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -74,7 +97,23 @@ class Settings(BaseSettings):
                 "bind to 127.0.0.1, create tokens (`layerwatch-server token create`), "
                 "or pass --force-no-auth if you really mean it"
             )
+        for name in ("mlflow_layer_stats", "metrics_layer_stats", "mlflow_param_stats", "metrics_param_stats"):
+            known = wire.LAYER_STATS if "layer" in name else wire.PARAM_STATS
+            unknown = [s for s in getattr(self, name) if s not in known]
+            if unknown:
+                raise ConfigError(f"{name}: unknown statistic(s) {unknown}; known: {list(known)}")
         return self
+
+    @property
+    def mlflow_uri(self) -> str | None:
+        """The MLflow tracking URI to mirror to, or None when mirroring is off."""
+        uri = self.mlflow_tracking_uri
+        if uri is not None:
+            return None if uri.strip().lower() in ("", "off", "none", "false", "0") else uri
+        if not self.is_sqlite or ":memory:" in self.db_url:
+            return None
+        db_file = Path(self.db_url.split("///", 1)[1])
+        return f"sqlite:///{db_file.parent / 'mlflow.db'}"
 
     @property
     def is_sqlite(self) -> bool:

@@ -172,3 +172,16 @@ def _stats_table(name: str, id_column: str, stats: tuple[str, ...]) -> Table:
 
 layer_stats = _stats_table("layer_stats", "layer_id", wire.LAYER_STATS)
 param_stats = _stats_table("param_stats", "param_id", wire.PARAM_STATS)
+
+
+class MlflowMirror(Base):
+    """Per-run MLflow mirror cursor: rank-0 steps up to ``last_step`` are in MLflow (restart-safe)."""
+
+    __tablename__ = "mlflow_mirror"
+
+    run_id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    last_step: Mapped[int | None] = mapped_column(BigInteger)
+    nonfinite_values: Mapped[int] = mapped_column(BigInteger, default=0)
+    first_nonfinite_step: Mapped[int | None] = mapped_column(BigInteger)
+    ended_status: Mapped[str | None] = mapped_column(String(16))  # the status MLflow was given last
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -1,0 +1,34 @@
+"""mlflow mirror cursor
+
+Revision ID: 0003
+Revises: 0001 (the lead re-chains it after the alerts revision 0002 at merge)
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+import layerwatch_server.storage.base
+
+
+revision: str = '0003'
+down_revision: str | None = '0001'
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.create_table('mlflow_mirror',
+    sa.Column('run_id', sa.String(length=16), nullable=False),
+    sa.Column('last_step', sa.BigInteger(), nullable=True),
+    sa.Column('nonfinite_values', sa.BigInteger(), nullable=False),
+    sa.Column('first_nonfinite_step', sa.BigInteger(), nullable=True),
+    sa.Column('ended_status', sa.String(length=16), nullable=True),
+    sa.Column('updated_at', layerwatch_server.storage.base.UTCDateTime(timezone=True), nullable=False),
+    sa.PrimaryKeyConstraint('run_id', name=op.f('pk_mlflow_mirror'))
+    )
+
+
+def downgrade() -> None:
+    op.drop_table('mlflow_mirror')

@@ -1,0 +1,1 @@
+"""Mirrors: copies of what the collector stores, shaped for other tools (MLflow)."""

@@ -1,0 +1,163 @@
+"""The MLflow mirror against a real ``mlflow server``: runs, params, tags, metrics with steps, status, alerts."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from layerwatch_server.app import create_app
+from layerwatch_server.core.config import Settings
+from layerwatch_server.mirrors import source
+from layerwatch_server.mirrors.mlflow_mirror import MirrorConfig, MlflowMirror
+from layerwatch_server.storage import migrations
+from layerwatch_server.storage.engine import make_engine
+
+from .batches import make_batch, post, unique
+from .mlflow_server import running_mlflow
+from .server import free_port, running_server
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def mlflow_url(tmp_path_factory: pytest.TempPathFactory):
+    with running_mlflow(tmp_path_factory.mktemp("mlflow")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def collector(tmp_path_factory: pytest.TempPathFactory, mlflow_url: str):
+    url = f"sqlite:///{tmp_path_factory.mktemp('lw')}/lw.db"
+    migrations.upgrade(url)
+    engine = make_engine(url)
+    settings = Settings(db_url=url, scheduler=False, no_auth=True, mlflow_tracking_uri=mlflow_url)
+    with TestClient(create_app(settings, engine)) as client:
+        yield client, engine
+    engine.dispose()
+
+
+def _mlflow(url: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=url)
+
+
+def test_run_is_mirrored_with_params_tags_metrics_and_status(collector, mlflow_url, tmp_path):
+    client, engine = collector
+    mirror: MlflowMirror = client.app.state.lw.extras["mlflow_mirror"]
+    key, project = unique("run"), unique("proj")
+    nan_at = {(3, 0, "act_std"): math.nan, (4, 1, "act_std"): math.inf}
+    assert post(client, make_batch(key, steps=range(0, 6), project=project, overrides=nan_at)).status_code == 202
+    mirror.tick(engine)
+    run_id = post(client, make_batch(key, steps=range(6, 10), project=project, end="finished")).json()["run_id"]
+    mirror.tick(engine)
+
+    detail = client.get(f"/api/v1/runs/{run_id}").json()
+    ml = _mlflow(mlflow_url)
+    run = ml.get_run(detail["mlflow_run_id"])
+    assert ml.get_experiment(run.info.experiment_id).name == project
+    assert run.info.run_name == f"run {key}"
+    assert run.info.status == "FINISHED"
+    assert run.data.params["lr"] == "0.001" and run.data.params["model.watched_layers"] == "4"
+    assert run.data.tags["layerwatch.world_size"] == "1" and run.data.tags["layerwatch.rank.0.host"] == "testhost"
+    hist = ml.get_metric_history(run.info.run_id, "relu/blocks.0.fc/dead_frac")
+    assert [m.step for m in hist] == list(range(10)) and hist[2].value == pytest.approx(2000.4)
+    assert [m.step for m in ml.get_metric_history(run.info.run_id, "loss")] == list(range(10))
+    assert {"layerwatch/dead_frac_max", "layerwatch/grad_norm_max", "param/blocks.3.fc.weight/grad_norm"} <= set(
+        run.data.metrics
+    )
+    # non-finite values are counted and tagged, never logged
+    std = ml.get_metric_history(run.info.run_id, "relu/blocks.0.fc/act_std")
+    assert 3 not in [m.step for m in std] and all(math.isfinite(m.value) for m in std)
+    assert run.data.tags["layerwatch.nonfinite.first_step"] == "0"  # the user scalar "weird" is +Inf
+    assert int(run.data.tags["layerwatch.nonfinite.values"]) == 10 + 2
+    summary = json.loads(
+        Path(ml.download_artifacts(run.info.run_id, "layerwatch/model_summary.json", tmp_path)).read_text()
+    )
+    assert [x["name"] for x in summary["layers"]][:2] == ["blocks.0.fc", "blocks.1.fc"]
+
+
+def test_alerts_become_tags_and_an_artifact(collector, mlflow_url, tmp_path):
+    client, engine = collector
+    mirror: MlflowMirror = client.app.state.lw.extras["mlflow_mirror"]
+    run_id = post(client, make_batch(unique("run"), steps=range(3))).json()["run_id"]
+    assert not mirror.mirror_alerts(engine, run_id, [])  # not in MLflow yet
+    mirror.tick(engine)
+    alert = {"id": 1, "rule": "dead_units", "severity": "warning", "state": "firing", "run_id": run_id,
+             "layer": "blocks.0.fc", "step": 2, "value": 0.93, "threshold": 0.5, "message": "93% dead"}  # fmt: skip
+    resolved = {**alert, "id": 2, "rule": "loss_spike", "state": "resolved", "layer": None, "value": math.nan}
+    assert mirror.mirror_alerts(engine, run_id, [alert, resolved])
+    ml_id = client.get(f"/api/v1/runs/{run_id}").json()["mlflow_run_id"]
+    tags = _mlflow(mlflow_url).get_run(ml_id).data.tags
+    assert tags["layerwatch.alert.dead_units"] == "firing" and tags["layerwatch.alert.loss_spike"] == "resolved"
+    assert tags["layerwatch.alert.dead_units.layers"] == "blocks.0.fc"
+    listed = json.loads(
+        Path(_mlflow(mlflow_url).download_artifacts(ml_id, "layerwatch/alerts.json", tmp_path)).read_text()
+    )
+    assert [a["rule"] for a in listed] == ["dead_units", "loss_spike"] and listed[1]["value"] == "NaN"
+
+
+def test_mlflow_down_backs_off_and_resumes_from_the_cursor(collector, mlflow_url):
+    client, engine = collector
+    down = MlflowMirror(MirrorConfig(tracking_uri=f"http://127.0.0.1:{free_port()}"))
+    run_id = post(client, make_batch(unique("run"), steps=range(5))).json()["run_id"]
+    client.app.state.lw.extras["mlflow_mirror"].tick(engine)  # the real mirror takes the other pending runs
+    source.reset(engine, run_id)
+    down.tick(engine)
+    assert down.errors_total == 1 and source.pending_runs(engine, 10, run_id)[0].mlflow_run_id is None
+    down.tick(engine)  # inside the backoff: not even tried
+    assert down.errors_total == 1
+    down._client, down._retry_at = _mlflow(mlflow_url), 0.0  # the server is back
+    down.tick(engine)
+    state = source.pending_runs(engine, 10, run_id)[0]
+    assert state.cursor == 4 and state.mlflow_run_id is not None and down.errors_total == 1
+
+
+def test_backfill_remirrors_a_run_into_a_new_mlflow_run(collector, mlflow_url):
+    client, engine = collector
+    mirror: MlflowMirror = client.app.state.lw.extras["mlflow_mirror"]
+    run_id = post(client, make_batch(unique("run"), steps=range(7), end="killed")).json()["run_id"]
+    mirror.tick(engine)
+    first = source.pending_runs(engine, 1, run_id)[0].mlflow_run_id
+    assert mirror.backfill(engine, run_id) == 6
+    second = source.pending_runs(engine, 1, run_id)[0].mlflow_run_id
+    assert second != first and _mlflow(mlflow_url).get_run(second).info.status == "KILLED"
+    assert len(_mlflow(mlflow_url).get_metric_history(second, "loss")) == 7
+
+
+def test_real_collector_mirrors_in_the_background(tmp_path, mlflow_url):
+    db = f"sqlite:///{tmp_path}/lw.db"
+    migrations.upgrade(db)
+    env = {"LAYERWATCH_MLFLOW_TRACKING_URI": mlflow_url, "LAYERWATCH_MLFLOW_INTERVAL_S": "1"}
+    server = running_server(db, log_path=tmp_path / "server.log", env=env, args=("--no-auth",))
+    with server as (base, _), httpx.Client(base_url=base) as http:
+        run_id = post(http, make_batch(unique("run"), steps=range(20), end="failed")).json()["run_id"]
+        for _ in range(100):
+            ml_id = http.get(f"/api/v1/runs/{run_id}").json()["mlflow_run_id"]
+            if ml_id and _mlflow(mlflow_url).get_run(ml_id).info.status == "FAILED":
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("run not mirrored within 20 s")
+    assert len(_mlflow(mlflow_url).get_metric_history(ml_id, "layerwatch/dead_frac_max")) == 20
+
+
+def test_backfill_command(collector, mlflow_url):
+    from click.testing import CliRunner
+
+    from layerwatch_server.cli import main
+
+    client, engine = collector
+    run_id = post(client, make_batch(unique("run"), steps=range(4), end="finished")).json()["run_id"]
+    target = mlflow_url
+    db = str(engine.url)
+    result = CliRunner().invoke(main, ["backfill-mlflow", run_id, "--db", db, "--mlflow-tracking-uri", target])
+    assert result.exit_code == 0, result.output
+    ml_id = source.pending_runs(engine, 1, run_id)[0].mlflow_run_id
+    assert _mlflow(target).get_run(ml_id).info.status == "FINISHED"

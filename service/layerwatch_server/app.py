@@ -13,13 +13,14 @@ from fastapi.openapi.utils import get_openapi
 from sqlalchemy import Engine
 
 from layerwatch_server.api import errors
-from layerwatch_server.api.routes import health, ingest, runs
+from layerwatch_server.api.routes import alerts, health, ingest, rules, runs
 from layerwatch_server.core.batch import Batch
 from layerwatch_server.core.config import Settings
 from layerwatch_server.core.state import Admission, AppState, TokenCache
 from layerwatch_server.jobs.hooks import run_hooks
 from layerwatch_server.jobs.retention import retention_job
 from layerwatch_server.jobs.scheduler import Scheduler
+from layerwatch_server.rules import install as install_alerting
 from layerwatch_server.storage.engine import Checkpointer, make_engine
 from layerwatch_server.storage.ingest import Ingestor
 from layerwatch_server.storage.migrations import head_revisions
@@ -29,7 +30,7 @@ log = logging.getLogger("layerwatch_server")
 
 def build_state(settings: Settings, engine: Engine | None = None) -> AppState:
     engine = engine or make_engine(settings.db_url, timeout_s=settings.db_timeout_s, pool_size=settings.pool_size)
-    return AppState(
+    state = AppState(
         settings=settings,
         engine=engine,
         ingestor=Ingestor(engine, lock_timeout_s=settings.db_timeout_s),
@@ -39,6 +40,8 @@ def build_state(settings: Settings, engine: Engine | None = None) -> AppState:
         ingest_limiter=CapacityLimiter(2 if engine.dialect.name == "sqlite" else settings.pool_size),
         extras={"ingest_hooks": [], "rule_hooks": []},
     )
+    install_alerting(state)
+    return state
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
@@ -56,6 +59,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         if state.engine.dialect.name == "sqlite" and engine is None:
             checkpointer = Checkpointer(state.engine)
             checkpointer.start()
+        for start in state.extras.get("startup", ()):
+            start()
         if settings.scheduler:
             scheduler = Scheduler(state.engine)
             scheduler.add(
@@ -71,6 +76,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         finally:  # uvicorn has drained in-flight requests (and their transactions) by now
             if scheduler is not None:
                 scheduler.shutdown()
+            for stop in state.extras.get("shutdown", ()):
+                stop()
             if checkpointer is not None:
                 checkpointer.stop()
             if engine is None:
@@ -87,6 +94,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(ingest.router, prefix="/api/v1")
     app.include_router(runs.router, prefix="/api/v1")
+    app.include_router(alerts.router, prefix="/api/v1")
+    app.include_router(rules.router, prefix="/api/v1")
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

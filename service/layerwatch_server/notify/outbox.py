@@ -23,8 +23,8 @@ from layerwatch_server.storage.models import AlertRow, OutboxRow, Silence
 LEASE_S = 60.0
 
 
-def silenced(conn: Connection, alert: AlertRow, now: dt.datetime) -> bool:
-    rows = conn.execute(select(Silence).where(Silence.ends_at > now, Silence.starts_at <= now)).scalars()
+def silenced(session: Session, alert: AlertRow, now: dt.datetime) -> bool:
+    rows = session.scalars(select(Silence).where(Silence.ends_at > now, Silence.starts_at <= now))
     for s in rows:
         if s.project not in (None, alert.project) or s.run_id not in (None, alert.run_id):
             continue
@@ -49,14 +49,13 @@ def enqueue(
     channels = cfg.channels_for(alert.project, alert.severity)
     if not channels:
         return []
-    conn = session.connection()
-    if silenced(conn, alert, now):
+    if silenced(session, alert, now):
         return []
     session.flush()  # the alert row must exist for the payload's queries
     rows = []
     for ch in channels:
         key = f"{alert.id}-{alert.episode}-{status}{tag}-{ch}"
-        payload = build(conn, alert, status, obs, cfg.notify, key)
+        payload = build(session, alert, status, obs, cfg.notify, key)
         rows.append(
             OutboxRow(
                 alert_id=alert.id,
@@ -133,8 +132,8 @@ def record(
     return values["state"]
 
 
-def attempts_for(conn: Connection, alert_id: str) -> list[dict[str, Any]]:
-    rows = conn.execute(select(OutboxRow).where(OutboxRow.alert_id == alert_id).order_by(OutboxRow.id)).scalars()
+def attempts_for(session: Session, alert_id: str) -> list[dict[str, Any]]:
+    rows = session.scalars(select(OutboxRow).where(OutboxRow.alert_id == alert_id).order_by(OutboxRow.id))
     return [
         {
             "id": r.id,

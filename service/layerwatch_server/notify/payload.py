@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import Connection, select
+from sqlalchemy.orm import Session
 
 from layerwatch_server.rules.config import Notify
 from layerwatch_server.rules.evaluate import Obs
@@ -35,9 +36,9 @@ def recent_reports(conn: Connection, run_id: str, rank: int, series: tuple[str, 
     return [{k: v for k, v in r.items() if k not in ("run_id", col, "rank")} for r in reversed(list(rows))]
 
 
-def build(conn: Connection, alert: AlertRow, status: str, obs: Obs | None, notify: Notify, key: str) -> dict[str, Any]:
-    run = conn.execute(select(Run).where(Run.id == alert.run_id)).first()
-    run_row = run[0] if run is not None else None
+def build(session: Session, alert: AlertRow, status: str, obs: Obs | None, notify: Notify, key: str) -> dict[str, Any]:
+    run_row = session.get(Run, alert.run_id)
+    conn = session.connection()
     evidence: dict[str, Any] = {"recent": [], "nonfinite_origin": run_row.nonfinite_origin if run_row else None}
     if obs is not None and obs.series is not None:
         evidence["recent"] = recent_reports(conn, alert.run_id, alert.rank, obs.series)

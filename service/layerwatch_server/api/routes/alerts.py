@@ -10,6 +10,7 @@ from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from layerwatch_server.api.deps import GrantDep, StateDep, authorize, readable_projects
 from layerwatch_server.api.schemas import Problem
@@ -43,20 +44,20 @@ def list_alerts(
     only = readable_projects(grant)
     if only is not None:
         q = q.where(AlertRow.project.in_(only))
-    with state.engine.connect() as conn:
-        rows = conn.execute(q).scalars().all()
+    with Session(state.engine) as s:
+        rows = s.scalars(q).all()
     return JSONResponse(finite_json([alert_dict(a) for a in rows]))
 
 
 @router.get("/alerts/{alert_id}", responses={404: {"model": Problem}})
 def get_alert(state: StateDep, grant: GrantDep, alert_id: str) -> Any:
     """One alert, with its notifications and every delivery attempt."""
-    with state.engine.connect() as conn:
-        row = conn.execute(select(AlertRow).where(AlertRow.id == alert_id)).scalar_one_or_none()
+    with Session(state.engine) as s:
+        row = s.get(AlertRow, alert_id)
         if row is None:
             raise HTTPException(404, f"no alert {alert_id!r}")
         authorize(grant, row.project, "read")
-        out = {**alert_dict(row), "evidence": row.evidence, "notifications": attempts_for(conn, alert_id)}
+        out = {**alert_dict(row), "evidence": row.evidence, "notifications": attempts_for(s, alert_id)}
     return JSONResponse(finite_json(out))
 
 
@@ -89,8 +90,8 @@ def create_silence(state: StateDep, grant: GrantDep, body: SilenceIn) -> Any:
 
 @router.get("/silences")
 def list_silences(state: StateDep, grant: GrantDep) -> Any:
-    with state.engine.connect() as conn:
-        rows = conn.execute(select(Silence).where(Silence.ends_at > utcnow())).scalars().all()
+    with Session(state.engine) as session:
+        rows = session.scalars(select(Silence).where(Silence.ends_at > utcnow())).all()
     return [
         {
             "id": s.id,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -10,7 +12,7 @@ from .conftest import rules, sgd_step, train
 
 def _mlp(widths: list[int]) -> nn.Sequential:
     mods: list[nn.Module] = []
-    for a, b in zip(widths[:-2], widths[1:-1], strict=True):
+    for a, b in itertools.pairwise(widths[:-1]):
         mods += [nn.Linear(a, b), nn.ReLU()]
     return nn.Sequential(*mods, nn.Linear(widths[-2], widths[-1]))
 

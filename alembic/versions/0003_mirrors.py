@@ -1,7 +1,7 @@
 """mlflow mirror cursor
 
 Revision ID: 0003
-Revises: 0001 (the lead re-chains it after the alerts revision 0002 at merge)
+Revises: 0002
 """
 
 from collections.abc import Sequence
@@ -13,7 +13,7 @@ import layerwatch_server.storage.base
 
 
 revision: str = '0003'
-down_revision: str | None = '0001'
+down_revision: str | None = '0002'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -13,7 +13,7 @@ from fastapi.openapi.utils import get_openapi
 from sqlalchemy import Engine
 
 from layerwatch_server.api import errors
-from layerwatch_server.api.routes import health, ingest, metrics, runs
+from layerwatch_server.api.routes import alerts, health, ingest, metrics, rules, runs
 from layerwatch_server.core.batch import Batch
 from layerwatch_server.core.config import Settings
 from layerwatch_server.core.state import Admission, AppState, TokenCache
@@ -22,6 +22,7 @@ from layerwatch_server.jobs.retention import retention_job
 from layerwatch_server.jobs.scheduler import Scheduler
 from layerwatch_server.mirrors import mlflow_mirror
 from layerwatch_server.observability.telemetry import MetricsMiddleware, Telemetry
+from layerwatch_server.rules import install as install_alerting
 from layerwatch_server.storage.engine import Checkpointer, make_engine
 from layerwatch_server.storage.ingest import Ingestor
 from layerwatch_server.storage.migrations import head_revisions
@@ -48,6 +49,8 @@ def build_state(settings: Settings, engine: Engine | None = None) -> AppState:
         },
     )
     telemetry.watch(state)
+    install_alerting(state)
+    state.extras["alerting"].listeners.append(telemetry.snapshot.set_alerts)
     return state
 
 
@@ -66,6 +69,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         if state.engine.dialect.name == "sqlite" and engine is None:
             checkpointer = Checkpointer(state.engine)
             checkpointer.start()
+        for start in state.extras.get("startup", ()):
+            start()
         if settings.scheduler:
             scheduler = Scheduler(state.engine)
             scheduler.add(
@@ -83,6 +88,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         finally:  # uvicorn has drained in-flight requests (and their transactions) by now
             if scheduler is not None:
                 scheduler.shutdown()
+            for stop in state.extras.get("shutdown", ()):
+                stop()
             if checkpointer is not None:
                 checkpointer.stop()
             if engine is None:
@@ -101,6 +108,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, telemetry=state.extras["telemetry"])
     app.include_router(ingest.router, prefix="/api/v1")
     app.include_router(runs.router, prefix="/api/v1")
+    app.include_router(alerts.router, prefix="/api/v1")
+    app.include_router(rules.router, prefix="/api/v1")
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -44,7 +44,7 @@ def test_round_trip_with_nan_and_inf(client, token, engine):
     assert resp.status_code == 202, resp.text
     body = resp.json()
     assert body["accepted"] == {"steps": 10, "duplicates": 0, "layer_rows": 40, "param_rows": 40}
-    assert body["alerts"] == []
+    assert "non_finite" in {a["rule"] for a in body["alerts"]}  # the batch carries NaN/Inf
     run_id = body["run_id"]
     assert count_rows(engine, run_id) == (10, 40, 40)
 

@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     rollup_bucket_steps: int = Field(100, ge=2, description="Steps per rollup bucket.")
     retention_interval_s: float = Field(3600.0, gt=0, description="Seconds between retention ticks.")
     job_interval_s: float = Field(60.0, gt=0, description="Seconds between rule-hook ticks.")
+    rules_file: Path | None = Field(None, description="Alerting YAML: rules, per-project overrides, channels, routes.")
 
     # MLflow mirror (layerwatch_server.mirrors); see docs/production.md
     mlflow_tracking_uri: str | None = Field(

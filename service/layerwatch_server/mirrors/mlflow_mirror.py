@@ -8,6 +8,7 @@ deduplicates. One replica runs each tick (``jobs.scheduler.run_once``).
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import random
@@ -24,6 +25,7 @@ from layerwatch_server.mirrors import naming, source
 from layerwatch_server.mirrors.alerts import mirror_alerts
 from layerwatch_server.mirrors.convert import convert
 from layerwatch_server.mirrors.source import RunState
+from layerwatch_server.storage.base import utcnow
 
 log = logging.getLogger("layerwatch_server.mirrors")
 
@@ -58,6 +60,7 @@ class MlflowMirror:
 
     def __init__(self, config: MirrorConfig, client_factory: Callable[[str], Any] = default_client_factory) -> None:
         self.config = config
+        self._alerts_synced_at = utcnow() - dt.timedelta(hours=1)
         self._factory = client_factory
         self._client: Any = None
         self._experiments: dict[str, str] = {}
@@ -90,6 +93,7 @@ class MlflowMirror:
                     steps, seconds = self.sync_run(engine, run, now)
                     lag_steps, lag_s = max(lag_steps, steps), max(lag_s, seconds)
                 self.lag_steps, self.lag_seconds = lag_steps, lag_s
+                self._sync_alerts(engine)
                 self._failures, self.last_success = 0, now
             except Exception as exc:
                 self.errors_total += 1
@@ -221,6 +225,19 @@ class MlflowMirror:
             self.sync_run(engine, runs[0], time.time())
             if runs[0].cursor == before:
                 return before
+
+    def _sync_alerts(self, engine: Engine) -> None:
+        """Runs whose alerts changed since the last sync get their alert tags and artifact rewritten.
+
+        A replica that did not run the previous ticks starts from its own last sync (or the last hour): it
+        may rewrite some runs' alerts again, which is harmless.
+        """
+        since = self._alerts_synced_at
+        started = utcnow()
+        for run_id, (mlflow_run_id, alerts) in source.alert_changes(engine, since).items():
+            mirror_alerts(self.client, mlflow_run_id, alerts)
+            log.debug("mirrored %d alerts of run %s", len(alerts), run_id)
+        self._alerts_synced_at = started - dt.timedelta(seconds=5)  # overlap: a commit racing this read
 
     def mirror_alerts(self, engine: Engine, run_id: str, alerts: list[dict[str, Any]]) -> bool:
         """Alerts of a layerwatch run onto its MLflow run; False while that run is not mirrored yet."""

@@ -7,11 +7,13 @@ where the last one stopped, and a failed request is simply read and sent again.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Engine, func, or_, select, update
+from sqlalchemy.orm import Session
 
 from layerwatch import wire
 from layerwatch_server.mirrors.naming import SeriesDef
@@ -208,3 +210,24 @@ def reset(engine: Engine, run_id: str) -> None:
     with engine.begin() as conn:
         conn.execute(MlflowMirror.__table__.delete().where(MlflowMirror.run_id == run_id))
         conn.execute(update(Run).where(Run.id == run_id).values(mlflow_run_id=None))
+
+
+def alert_changes(engine: Engine, since: dt.datetime) -> dict[str, tuple[str, list[dict[str, Any]]]]:
+    """Mirrored runs whose alerts changed since ``since``: run id -> (MLflow run id, all its alerts)."""
+    from layerwatch_server.rules.lifecycle import alert_dict
+    from layerwatch_server.storage.models import AlertRow
+
+    changed_at = func.coalesce(AlertRow.resolved_at, AlertRow.fired_at, AlertRow.started_at)
+    with Session(engine) as s:
+        run_ids = s.scalars(
+            select(AlertRow.run_id)
+            .join(Run, Run.id == AlertRow.run_id)
+            .where(Run.mlflow_run_id.is_not(None), changed_at >= since)
+            .distinct()
+        ).all()
+        out: dict[str, tuple[str, list[dict[str, Any]]]] = {}
+        for run_id in run_ids:
+            mlflow_run_id = s.scalar(select(Run.mlflow_run_id).where(Run.id == run_id))
+            alerts = s.scalars(select(AlertRow).where(AlertRow.run_id == run_id).order_by(AlertRow.id)).all()
+            out[run_id] = (mlflow_run_id, [alert_dict(a) for a in alerts])
+    return out

@@ -185,3 +185,86 @@ class MlflowMirror(Base):
     first_nonfinite_step: Mapped[int | None] = mapped_column(BigInteger)
     ended_status: Mapped[str | None] = mapped_column(String(16))  # the status MLflow was given last
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+# -- alerting (rules/, notify/) ------------------------------------------------------------------------
+
+
+class AlertRow(Base):
+    """One alert per (run, rule, layer): re-opened, not duplicated, when its condition comes back."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (UniqueConstraint("run_id", "rule", "layer_key"),)
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
+    project: Mapped[str] = mapped_column(String(100), index=True)
+    rule: Mapped[str] = mapped_column(String(100))
+    layer_key: Mapped[str] = mapped_column(String(500))  # layer name, "" for run-level alerts
+    rank: Mapped[int] = mapped_column(Integer, default=0)
+    severity: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), index=True)  # pending | firing | resolved
+    episode: Mapped[int] = mapped_column(Integer, default=1)  # bumps each time it re-opens
+    step: Mapped[int | None] = mapped_column(BigInteger)
+    value: Mapped[float | None] = mapped_column(NanFloat)
+    threshold: Mapped[float | None] = mapped_column(NanFloat)
+    message: Mapped[str] = mapped_column(String(2000))
+    evidence: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    started_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    fired_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    resolved_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    notified_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class RuleState(Base):
+    """Per-run evaluation memory (breach counters, recent losses), in the DB so replicas agree."""
+
+    __tablename__ = "rule_state"
+
+    run_id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[dict[str, Any]] = mapped_column(JSON(none_as_null=True))
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class RuleDef(Base):
+    """A rule set through the API; overrides the rules file and the built-in defaults of that name."""
+
+    __tablename__ = "rule_defs"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON(none_as_null=True))
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Silence(Base):
+    __tablename__ = "silences"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    project: Mapped[str | None] = mapped_column(String(100))
+    run_id: Mapped[str | None] = mapped_column(String(16))
+    rule: Mapped[str | None] = mapped_column(String(100))
+    layer: Mapped[str | None] = mapped_column(String(500))  # fnmatch pattern
+    comment: Mapped[str] = mapped_column(String(1000), default="")
+    starts_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    ends_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class OutboxRow(Base):
+    """A notification to deliver, written in the alert's transaction; the sender claims it with a lease."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    alert_id: Mapped[str] = mapped_column(String(16), index=True)
+    channel: Mapped[str] = mapped_column(String(100))
+    key: Mapped[str] = mapped_column(String(200), unique=True)  # idempotency key sent to the receiver
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON(none_as_null=True))
+    state: Mapped[str] = mapped_column(String(16))  # pending | sent | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    history: Mapped[list[Any] | None] = mapped_column(JSON(none_as_null=True))
+    next_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, index=True)
+    lease_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)

@@ -1,0 +1,91 @@
+"""The delivery worker: sends newly queued notifications at once and retries due ones with backoff.
+
+One daemon thread per process. Ingest wakes it right after the alert's commit (latency); otherwise it
+polls the outbox every ``poll_s`` so a retry, a restart or another replica's leftovers get delivered.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import httpx
+from sqlalchemy import Engine
+
+from layerwatch_server.notify import outbox
+from layerwatch_server.notify.channels import DeliveryError, send
+from layerwatch_server.rules.config import AlertingConfig
+from layerwatch_server.storage.base import utcnow
+
+log = logging.getLogger("layerwatch_server.notify")
+
+
+class Sender:
+    def __init__(self, engine: Engine, cfg: Callable[[], AlertingConfig], poll_s: float = 1.0) -> None:
+        self.engine, self.cfg, self.poll_s = engine, cfg, poll_s
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._client = httpx.Client()
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="layerwatch-notify", daemon=True)
+            self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        self._client.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+            try:
+                while self.deliver_due() and not self._stop.is_set():
+                    pass
+            except Exception:  # the database may be down: the rows stay queued, try again next poll
+                log.warning("outbox delivery pass failed", exc_info=True)
+
+    def deliver_due(self) -> int:
+        """Claim due rows, send each, record the outcome; returns how many were attempted."""
+        cfg = self.cfg()
+        with self.engine.begin() as conn:
+            rows = outbox.claim(conn, utcnow())
+        for row_id, channel, key, payload, attempts, created, history in rows:
+            ch = cfg.channels.get(channel)
+            error, permanent, status = None, False, None
+            try:
+                if ch is None:
+                    raise DeliveryError(f"channel {channel!r} is no longer configured", permanent=True)
+                status = send(ch, payload, key, self._client, cfg.notify.renotify_s)
+            except DeliveryError as exc:
+                error, permanent, status = str(exc), exc.permanent, exc.status
+            except Exception as exc:  # a bug in one channel must not stop the others
+                log.exception("channel %s failed", channel)
+                error = f"{type(exc).__name__}: {exc}"
+            with self.engine.begin() as conn:
+                state = outbox.record(
+                    conn,
+                    row_id,
+                    attempts,
+                    created,
+                    history,
+                    utcnow(),
+                    error,
+                    permanent=permanent,
+                    status=status,
+                    max_backoff_s=cfg.notify.max_backoff_s,
+                    give_up_s=cfg.notify.give_up_s,
+                )
+            if error:
+                log.warning("notification %s to %s: %s (now %s)", key, channel, error, state)
+        return len(rows)

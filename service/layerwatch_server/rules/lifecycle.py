@@ -1,0 +1,114 @@
+"""Alert lifecycle: observations -> pending -> firing -> resolved, one alert per (run, rule, layer).
+
+A breach counts towards the rule's ``for``; below it the alert is pending, at it the alert fires (and a
+notification is queued). The first clean observation resolves it; a resolved alert that breaches again
+re-opens the same row with a new episode, so its notifications get fresh idempotency keys.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from layerwatch_server.rules.evaluate import Obs
+from layerwatch_server.rules.spec import Rule
+from layerwatch_server.storage.models import AlertRow
+
+OPEN = ("pending", "firing")
+Transition = Callable[[AlertRow, str, Obs | None], None]  # (alert, "firing"|"resolved", obs)
+
+
+def alert_dict(a: AlertRow) -> dict[str, Any]:
+    """The public shape of an alert (API, ingest response, notifications)."""
+    return {
+        "id": a.id,
+        "rule": a.rule,
+        "severity": a.severity,
+        "state": a.state,
+        "run_id": a.run_id,
+        "project": a.project,
+        "rank": a.rank,
+        "layer": a.layer_key or None,
+        "step": a.step,
+        "value": a.value,
+        "threshold": a.threshold,
+        "message": a.message,
+        "episode": a.episode,
+        "started_at": _iso(a.started_at),
+        "fired_at": _iso(a.fired_at),
+        "resolved_at": _iso(a.resolved_at),
+    }
+
+
+def _iso(t: dt.datetime | None) -> str | None:
+    return t.isoformat() if t is not None else None
+
+
+class Lifecycle:
+    """Applies one rank's observations to the run's alerts (rows loaded by the caller, in one transaction)."""
+
+    def __init__(
+        self,
+        run_id: str,
+        project: str,
+        rank: int,
+        alerts: dict[tuple[str, str], AlertRow],
+        counters: dict[str, int],
+        on_transition: Transition,
+        now: dt.datetime,
+    ) -> None:
+        self.run_id, self.project, self.rank = run_id, project, rank
+        self.alerts, self.counters = alerts, counters
+        self.on_transition, self.now = on_transition, now
+        self.new: list[AlertRow] = []
+
+    def apply(self, obs: Obs, rule: Rule, step: int | None) -> None:
+        key = f"{obs.rule}|{obs.layer}"
+        row = self.alerts.get((obs.rule, obs.layer))
+        if not obs.breach:
+            self.counters.pop(key, None)
+            if row is not None and row.state in OPEN:
+                self.resolve(row, obs, step)
+            return
+        n = self.counters[key] = self.counters.get(key, 0) + 1
+        if row is None or row.state == "resolved":
+            row = self._open(row, obs, rule, step)
+        elif row.state == "pending":
+            self._evidence(row, obs, step)
+        if n >= rule.for_ and row.state == "pending":
+            self._evidence(row, obs, step)
+            row.state, row.fired_at, row.updated_at = "firing", self.now, self.now
+            self.on_transition(row, "firing", obs)
+
+    def resolve(self, row: AlertRow, obs: Obs | None, step: int | None, message: str | None = None) -> None:
+        was_firing = row.state == "firing"
+        row.state, row.resolved_at, row.updated_at = "resolved", self.now, self.now
+        if message:
+            row.message = message
+        if was_firing:  # a pending alert that never fired was never announced
+            self.on_transition(row, "resolved", obs)
+
+    def _open(self, row: AlertRow | None, obs: Obs, rule: Rule, step: int | None) -> AlertRow:
+        if row is None:
+            row = AlertRow(
+                id=secrets.token_hex(6),
+                run_id=self.run_id,
+                project=self.project,
+                rule=obs.rule,
+                layer_key=obs.layer,
+                episode=1,
+            )
+            self.alerts[(obs.rule, obs.layer)] = row
+            self.new.append(row)
+        else:
+            row.episode += 1
+        row.rank, row.severity, row.state = self.rank, rule.severity, "pending"
+        row.started_at, row.fired_at, row.resolved_at, row.notified_at = self.now, None, None, None
+        self._evidence(row, obs, step)
+        return row
+
+    def _evidence(self, row: AlertRow, obs: Obs, step: int | None) -> None:
+        row.step, row.threshold, row.message, row.updated_at = step, obs.threshold, obs.message[:2000], self.now
+        row.value = obs.value

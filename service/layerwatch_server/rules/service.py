@@ -9,8 +9,8 @@ Alert changes and their outbox rows commit together; the sender is woken after t
 from __future__ import annotations
 
 import copy
-import logging
 import datetime as dt
+import logging
 import threading
 import time
 from collections.abc import Callable

@@ -32,6 +32,7 @@ import httpx
 
 from layerwatch import wire
 
+MIRROR_ENV: dict[str, str] = {"LAYERWATCH_MLFLOW_TRACKING_URI": "off"}  # --mirror clears it
 PG_ADMIN = os.environ.get("LAYERWATCH_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
@@ -59,7 +60,7 @@ def wait_http(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
 def collector(db_url: str, log: Path, **env: str):
     port = free_port()
     cmd = [sys.executable, "-m", "layerwatch_server.cli", "serve", "--port", str(port), "--db", db_url]
-    full_env = {**os.environ, "LAYERWATCH_NO_AUTH": "1", "LAYERWATCH_LOG_LEVEL": "warning", **env}
+    full_env = {**os.environ, "LAYERWATCH_NO_AUTH": "1", "LAYERWATCH_LOG_LEVEL": "warning", **MIRROR_ENV, **env}
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -318,7 +319,15 @@ def main() -> None:
     ap.add_argument("--mlflow-seconds", type=float, default=10.0, help="0 skips MLflow")
     ap.add_argument("--overload-seconds", type=float, default=10.0, help="0 skips the overload phase")
     ap.add_argument("--max-inflight", type=int, default=16, help="collector limit during the overload phase")
+    ap.add_argument(
+        "--mirror",
+        action="store_true",
+        help="keep the collector's MLflow mirror on (the embedded default: an in-process SQLite MLflow store "
+        "sharing the collector's CPU); off by default, as in production where MLflow is a server of its own",
+    )
     args = ap.parse_args()
+    if args.mirror:
+        MIRROR_ENV.clear()
 
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="lw-bench-") as tmpdir:

@@ -95,8 +95,10 @@ def parse_rule(name: str, data: dict[str, Any]) -> Rule:
         return Rule.model_validate(merged)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "rule"
-        raise RuleError(f"rules.{name}.{field}: {err['msg']}") from None
+        field, msg = ".".join(str(p) for p in err["loc"]), err["msg"]
+        if not field:  # a cross-field check: its message starts with the field it is about
+            field, _, msg = msg.removeprefix("Value error, ").partition(": ")
+        raise RuleError(f"rules.{name}.{field}: {msg}") from None
 
 
 def merge(layers: list[dict[str, dict[str, Any]]], project: str) -> dict[str, Rule]:

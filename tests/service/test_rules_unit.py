@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from layerwatch import wire
+from layerwatch_server.rules.config import parse_alerting
 from layerwatch_server.rules.evaluate import Obs, StepView, evaluate_step
 from layerwatch_server.rules.lifecycle import Lifecycle
 from layerwatch_server.rules.service import run_overrides
@@ -351,3 +352,36 @@ def test_per_run_overrides_from_the_client_config():
 def test_project_scoped_rules_apply_only_to_that_project():
     level = {"mine": {"stat": "loss", "threshold": 1.0, "project": "nlp"}}
     assert "mine" in merge([level], "nlp") and "mine" not in merge([level], "vision")
+
+
+@pytest.mark.parametrize(
+    ("data", "where"),
+    [
+        ({"channels": {"m": {"type": "email", "to": ["a@b"]}}}, "channels.m.host"),
+        ({"channels": {"m": {"type": "email", "host": "smtp"}}}, "channels.m.to"),
+        ({"channels": {"s": {"type": "slack"}}}, "channels.s.url"),
+        ({"channels": {}, "routes": [{"channels": ["nope"]}]}, "routes[0].channels"),
+        ({"rules": {"mine": {"stat": "loss"}}}, "rules.mine.threshold"),
+        ({"projects": {"nlp": {"dead_units": {"for": 0}}}}, "projects.nlp.rules.dead_units.for"),
+        ({"notify": {"renotify_s": -1}}, "notify.renotify_s"),
+    ],
+)
+def test_rules_file_errors_name_the_field(data, where):
+    with pytest.raises(RuleError) as err:
+        parse_alerting(data)
+    assert str(err.value).startswith(where), err.value
+
+
+def test_routes_by_project_and_severity():
+    cfg = parse_alerting(
+        {
+            "channels": {n: {"type": "webhook", "url": f"http://h/{n}"} for n in ("ops", "chat", "all")},
+            "routes": [
+                {"channels": ["ops"], "severities": ["critical"]},
+                {"channels": ["chat"], "projects": ["nlp*"]},
+            ],
+        }
+    )
+    assert cfg.channels_for("nlp-big", "critical") == ["ops", "chat"]
+    assert cfg.channels_for("vision", "critical") == ["ops"] and cfg.channels_for("vision", "warning") == []
+    assert parse_alerting({"channels": {"a": {"type": "webhook", "url": "u"}}}).channels_for("x", "info") == ["a"]

@@ -26,7 +26,7 @@ BUILTIN_KINDS = (
     "stalled",
 )
 
-# Tuned so healthy runs stay quiet (see tests/scenarios); the "why" of each number is in service/README.md.
+# Tuned so healthy runs stay quiet (see tests/scenarios); the "why" of each number is in docs/alerts.md.
 BUILTINS: dict[str, dict[str, Any]] = {
     "non_finite": {"severity": "critical", "for": 1},
     "dead_units": {"threshold": 0.5, "run_threshold": 0.5, "for": 3},

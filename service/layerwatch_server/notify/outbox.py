@@ -67,6 +67,9 @@ def enqueue(
                 history=[],
                 next_at=now,
                 created_at=now,
+                # leased to this process from the start: its sender is handed the row after the commit and
+                # sends it at once, without a claim (another write) on the way; if it dies, the lease expires
+                lease_until=now + dt.timedelta(seconds=LEASE_S),
             )
         )
     session.add_all(rows)

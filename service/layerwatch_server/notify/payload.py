@@ -1,6 +1,6 @@
 """What a notification says: the alert plus its context (run, rank, recent reports, NaN origin, links).
 
-The generic webhook receives :func:`build` as JSON (documented in service/README.md); Slack, Alertmanager
+The generic webhook receives :func:`build` as JSON (documented in docs/alerts.md); Slack, Alertmanager
 and email render the same dict.
 """
 

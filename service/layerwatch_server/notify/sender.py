@@ -1,14 +1,18 @@
 """The delivery worker: sends newly queued notifications at once and retries due ones with backoff.
 
-One daemon thread per process. Ingest wakes it right after the alert's commit (latency); otherwise it
-polls the outbox every ``poll_s`` so a retry, a restart or another replica's leftovers get delivered.
+One daemon thread per process. Ingest hands it the rows it queued right after the alert's commit (they are
+already leased to this process, so they go out without another write first: latency); otherwise it polls
+the outbox every ``poll_s`` so a retry, a restart or another replica's leftovers get delivered. Outcomes
+are recorded after a pass's sends, in one transaction (on SQLite every write waits for the one writer).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import httpx
 from sqlalchemy import Engine
@@ -17,6 +21,7 @@ from layerwatch_server.notify import outbox
 from layerwatch_server.notify.channels import DeliveryError, send
 from layerwatch_server.rules.config import AlertingConfig
 from layerwatch_server.storage.base import utcnow
+from layerwatch_server.storage.models import OutboxRow
 
 log = logging.getLogger("layerwatch_server.notify")
 
@@ -28,6 +33,12 @@ class Sender:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._client = httpx.Client()
+        self._handed: deque[tuple[Any, ...]] = deque()
+
+    def hand(self, rows: Iterable[OutboxRow]) -> None:
+        """Rows just committed (leased to this process by :func:`outbox.enqueue`): send them now."""
+        self._handed.extend((r.id, r.channel, r.key, r.payload, r.attempts, r.created_at, r.history) for r in rows)
+        self._wake.set()
 
     def start(self) -> None:
         if self._thread is None:
@@ -50,16 +61,24 @@ class Sender:
             self._wake.wait(self.poll_s)
             self._wake.clear()
             try:
+                while self._handed and not self._stop.is_set():
+                    rows = [self._handed.popleft() for _ in range(min(50, len(self._handed)))]
+                    self._deliver(rows)
                 while self.deliver_due() and not self._stop.is_set():
                     pass
             except Exception:  # the database may be down: the rows stay queued, try again next poll
                 log.warning("outbox delivery pass failed", exc_info=True)
 
     def deliver_due(self) -> int:
-        """Claim due rows, send each, record the outcome; returns how many were attempted."""
-        cfg = self.cfg()
+        """Claim due rows, send each, record the outcomes; returns how many were attempted."""
         with self.engine.begin() as conn:
             rows = outbox.claim(conn, utcnow())
+        self._deliver(rows)
+        return len(rows)
+
+    def _deliver(self, rows: list[Any]) -> None:
+        cfg = self.cfg()
+        outcomes = []
         for row_id, channel, key, payload, attempts, created, history in rows:
             ch = cfg.channels.get(channel)
             error, permanent, status = None, False, None
@@ -72,20 +91,23 @@ class Sender:
             except Exception as exc:  # a bug in one channel must not stop the others
                 log.exception("channel %s failed", channel)
                 error = f"{type(exc).__name__}: {exc}"
-            with self.engine.begin() as conn:
+            outcomes.append((row_id, channel, key, attempts, created, history, utcnow(), error, permanent, status))
+        if not outcomes:
+            return
+        with self.engine.begin() as conn:
+            for row_id, channel, key, attempts, created, history, at, error, permanent, status in outcomes:
                 state = outbox.record(
                     conn,
                     row_id,
                     attempts,
                     created,
                     history,
-                    utcnow(),
+                    at,
                     error,
                     permanent=permanent,
                     status=status,
                     max_backoff_s=cfg.notify.max_backoff_s,
                     give_up_s=cfg.notify.give_up_s,
                 )
-            if error:
-                log.warning("notification %s to %s: %s (now %s)", key, channel, error, state)
-        return len(rows)
+                if error:
+                    log.warning("notification %s to %s: %s (now %s)", key, channel, error, state)

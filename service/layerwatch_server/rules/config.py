@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from layerwatch_server.rules.spec import RuleError, parse_rule
 
@@ -41,6 +41,17 @@ class Channel(BaseModel):
     starttls: bool = False
     username: str | None = None
     password: str | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> Channel:
+        if self.type == "email":
+            if not self.host:
+                raise ValueError("host: an email channel needs the SMTP server's host")
+            if not self.to:
+                raise ValueError("to: an email channel needs at least one recipient")
+        elif not self.url:
+            raise ValueError(f"url: a {self.type} channel needs a url")
+        return self
 
 
 class Route(BaseModel):
@@ -94,7 +105,11 @@ def parse_alerting(data: dict[str, Any]) -> AlertingConfig:
         cfg = AlertingConfig.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise RuleError(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
+        where, msg = ".".join(str(x) for x in err["loc"]), err["msg"].removeprefix("Value error, ")
+        if err["type"] == "value_error" and ": " in msg:  # a cross-field check names its field first
+            field, _, msg = msg.partition(": ")
+            where = f"{where}.{field}"
+        raise RuleError(f"{where}: {msg}") from None
     for name, fields in cfg.rules.items():
         parse_rule(name, fields)
     for project, rules in cfg.projects.items():

@@ -42,6 +42,7 @@ class StepView:
     scalars: dict[str, float]
     layers: dict[str, tuple[str, int, dict[str, float | None]]] = field(default_factory=dict)
     params: dict[str, tuple[list[int], dict[str, float | None]]] = field(default_factory=dict)
+    lr: float | None = None
 
 
 def views(batch: Batch, steps: list[StepIn]) -> list[StepView]:
@@ -49,7 +50,7 @@ def views(batch: Batch, steps: list[StepIn]) -> list[StepView]:
     pmeta = {d.index: d for d in batch.params}
     out = []
     for s in sorted(steps, key=lambda s: s.step):
-        v = StepView(s.step, s.loss, s.grad_norm_total, s.scalars)
+        v = StepView(s.step, s.loss, s.grad_norm_total, s.scalars, lr=s.lr)
         for row in s.layers:
             d = lmeta[int(row[0])]
             v.layers[d.name] = (d.kind, d.units, dict(zip(batch.layer_stats, row[1:], strict=True)))
@@ -193,7 +194,8 @@ def threshold(r: Rule, v: StepView) -> list[Obs]:
     elif stat in wire.PARAM_STATS:
         rows = [(n, st.get(stat), ("param", n, stat)) for n, (_, st) in v.params.items() if r.matches_layer(n)]
     else:
-        value = {"loss": v.loss, "grad_norm_total": v.grad_norm_total}.get(stat, v.scalars.get(stat))
+        step_stats = {"loss": v.loss, "lr": v.lr, "grad_norm_total": v.grad_norm_total}
+        value = step_stats[stat] if stat in step_stats else v.scalars.get(stat)
         rows = [("", value, None)]
     return [
         Obs(r.name, n, bool(op(x, th)), x, th, f"{stat}{' of ' + n if n else ''} = {x:.4g} {r.op} {th:.4g}", s)

@@ -99,7 +99,7 @@ class Alerting:
             s.add_all(lc.new)
             mem_row.data, mem_row.updated_at = mem, now
         if queued:
-            self.sender.wake()
+            self.sender.hand(queued)
         keep = dt.timedelta(seconds=self.cfg.notify.resolved_visible_s)
         current = finite_json(
             [
@@ -163,6 +163,6 @@ class Alerting:
             for a in s.scalars(select(AlertRow).where(AlertRow.state == "firing", AlertRow.notified_at < due)):
                 queued.extend(enqueue(s, self.cfg, a, "firing", None, now, tag=f"-r{int(now.timestamp())}"))
         if queued:
-            self.sender.wake()
+            self.sender.hand(queued)
         for run_id, run_alerts in stalled_runs:
             self._tell(run_id, finite_json(run_alerts))

@@ -26,7 +26,7 @@ BUILTIN_KINDS = (
     "stalled",
 )
 
-# Tuned so healthy runs stay quiet (see tests/scenarios); the "why" of each number is in service/README.md.
+# Tuned so healthy runs stay quiet (see tests/scenarios); the "why" of each number is in docs/alerts.md.
 BUILTINS: dict[str, dict[str, Any]] = {
     "non_finite": {"severity": "critical", "for": 1},
     "dead_units": {"threshold": 0.5, "run_threshold": 0.5, "for": 3},
@@ -95,8 +95,10 @@ def parse_rule(name: str, data: dict[str, Any]) -> Rule:
         return Rule.model_validate(merged)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "rule"
-        raise RuleError(f"rules.{name}.{field}: {err['msg']}") from None
+        field, msg = ".".join(str(p) for p in err["loc"]), err["msg"]
+        if not field:  # a cross-field check: its message starts with the field it is about
+            field, _, msg = msg.removeprefix("Value error, ").partition(": ")
+        raise RuleError(f"rules.{name}.{field}: {msg}") from None
 
 
 def merge(layers: list[dict[str, dict[str, Any]]], project: str) -> dict[str, Rule]:

@@ -204,22 +204,31 @@ def threshold(r: Rule, v: StepView) -> list[Obs]:
     ]
 
 
-def evaluate_step(rules: dict[str, Rule], v: StepView, mem: dict[str, Any], origin: dict[str, Any] | None) -> list[Obs]:
-    """Every enabled rule on one step; ``mem`` (the rank's JSON memory) is updated in place."""
+def evaluate_step(
+    rules: dict[str, Rule], v: StepView, mem: dict[str, Any], origin: dict[str, Any] | None, report: bool = True
+) -> list[Obs]:
+    """Every enabled rule on one step; ``mem`` (the rank's JSON memory) is updated in place.
+
+    ``report=False`` (a step inside a batch, not its last) judges only what must be seen at every step: NaN/Inf,
+    the loss rules and thresholds on step statistics. Layer and parameter levels are judged once per report,
+    which is what their ``for`` counts, and keeps evaluation off the ingest rate's critical path.
+    """
     out: list[Obs] = []
     for r in rules.values():
         if r.kind == "non_finite":
             out += non_finite(r, v, origin)
+        elif r.kind == "loss_spike":
+            out += loss_spike(r, v, mem)
+        elif r.kind == "loss_plateau":
+            out += loss_plateau(r, v, mem)
+        elif not report and not (r.kind == "threshold" and r.stat not in wire.LAYER_STATS + wire.PARAM_STATS):
+            continue
         elif r.kind == "dead_units":
             out += dead_units(r, v)
         elif r.kind == "saturation":
             out += saturation(r, v)
         elif r.kind in ("exploding_gradients", "vanishing_gradients"):
             out += gradients(r, v, r.kind == "exploding_gradients")
-        elif r.kind == "loss_spike":
-            out += loss_spike(r, v, mem)
-        elif r.kind == "loss_plateau":
-            out += loss_plateau(r, v, mem)
         elif r.kind == "threshold":
             out += threshold(r, v)
     return out

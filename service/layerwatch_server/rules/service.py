@@ -88,8 +88,13 @@ class Alerting:
             lc = Lifecycle(
                 run.id, batch.run.project, batch.rank, alerts, mem.setdefault("counters", {}), transition, now
             )
-            for v in views(batch, steps):
-                for obs in evaluate_step(rules, v, mem, run.nonfinite_origin):
+            step_views = views(batch, steps)
+            for i, v in enumerate(step_views):
+                # A report is the batch's last step, or any step closing a dead-unit window.
+                report = i == len(step_views) - 1 or any(
+                    st.get("dead_frac") is not None for *_, st in v.layers.values()
+                )
+                for obs in evaluate_step(rules, v, mem, run.nonfinite_origin, report):
                     lc.apply(obs, rules[obs.rule], v.step)
             stalled = alerts.get(("stalled", ""))
             if steps and stalled is not None and stalled.state in OPEN:

@@ -46,19 +46,42 @@ class StepView:
 
 
 def views(batch: Batch, steps: list[StepIn]) -> list[StepView]:
+    return [view(batch, s) for s in sorted(steps, key=lambda s: s.step)]
+
+
+def view(batch: Batch, s: StepIn, detailed: bool = True) -> StepView:
+    """One step with names resolved; ``detailed=False`` leaves out layers and parameters (only the step's own
+    statistics are needed for a step that is neither a report nor non-finite anywhere)."""
+    v = StepView(s.step, s.loss, s.grad_norm_total, s.scalars, lr=s.lr)
+    if not detailed:
+        return v
     lmeta = {d.index: d for d in batch.layers}
     pmeta = {d.index: d for d in batch.params}
-    out = []
-    for s in sorted(steps, key=lambda s: s.step):
-        v = StepView(s.step, s.loss, s.grad_norm_total, s.scalars, lr=s.lr)
-        for row in s.layers:
-            d = lmeta[int(row[0])]
-            v.layers[d.name] = (d.kind, d.units, dict(zip(batch.layer_stats, row[1:], strict=True)))
-        for row in s.params:
-            p = pmeta[int(row[0])]
-            v.params[p.name] = (p.shape, dict(zip(batch.param_stats, row[1:], strict=True)))
-        out.append(v)
-    return out
+    for row in s.layers:
+        d = lmeta[int(row[0])]
+        v.layers[d.name] = (d.kind, d.units, dict(zip(batch.layer_stats, row[1:], strict=True)))
+    for row in s.params:
+        p = pmeta[int(row[0])]
+        v.params[p.name] = (p.shape, dict(zip(batch.param_stats, row[1:], strict=True)))
+    return v
+
+
+def needs_detail(batch: Batch, s: StepIn) -> tuple[bool, bool]:
+    """(is a report step's layer data present, is anything non-finite) from the raw rows, without building
+    dicts: a dead-unit window ends here, or a NaN/Inf is anywhere in the step."""
+    stats = batch.layer_stats
+    dead = stats.index("dead_frac") + 1 if "dead_frac" in stats else None
+    nonfinite = stats.index("nonfinite") + 1 if "nonfinite" in stats else None
+    peak = stats.index("act_max_abs") + 1 if "act_max_abs" in stats else None
+    grad = batch.param_stats.index("grad_norm") + 1 if "grad_norm" in batch.param_stats else None
+    window_end = dead is not None and any(row[dead] is not None for row in s.layers)
+    bad = _bad(s.loss) or _bad(s.grad_norm_total)
+    bad = bad or any(
+        (nonfinite is not None and (row[nonfinite] or 0) > 0) or (peak is not None and _bad(row[peak]))
+        for row in s.layers
+    )
+    bad = bad or (grad is not None and any(_bad(row[grad]) for row in s.params))
+    return window_end, bad
 
 
 def _bad(x: float | None) -> bool:

@@ -24,7 +24,7 @@ from layerwatch_server.core.batch import Batch
 from layerwatch_server.notify.outbox import enqueue
 from layerwatch_server.notify.sender import Sender
 from layerwatch_server.rules.config import AlertingConfig
-from layerwatch_server.rules.evaluate import Obs, evaluate_step, views
+from layerwatch_server.rules.evaluate import Obs, evaluate_step, needs_detail, view
 from layerwatch_server.rules.lifecycle import OPEN, Lifecycle, alert_dict
 from layerwatch_server.rules.spec import Rule, merge
 from layerwatch_server.storage.base import finite_json, utcnow
@@ -88,12 +88,13 @@ class Alerting:
             lc = Lifecycle(
                 run.id, batch.run.project, batch.rank, alerts, mem.setdefault("counters", {}), transition, now
             )
-            step_views = views(batch, steps)
-            for i, v in enumerate(step_views):
-                # A report is the batch's last step, or any step closing a dead-unit window.
-                report = i == len(step_views) - 1 or any(
-                    st.get("dead_frac") is not None for *_, st in v.layers.values()
-                )
+            ordered = sorted(steps, key=lambda x: x.step)
+            for i, step in enumerate(ordered):
+                # A report is the batch's last step, or any step closing a dead-unit window; other steps only
+                # need their layers when something in them is non-finite.
+                window_end, bad = needs_detail(batch, step)
+                report = i == len(ordered) - 1 or window_end
+                v = view(batch, step, detailed=report or bad)
                 for obs in evaluate_step(rules, v, mem, run.nonfinite_origin, report):
                     lc.apply(obs, rules[obs.rule], v.step)
             stalled = alerts.get(("stalled", ""))

@@ -1,12 +1,13 @@
 """Pooled features that grow until the loss spikes and turns NaN, and the normalisation that fixes it.
 
-    python examples/pooled_features_nan.py           # sum-pooled features: loss oscillates, spikes, then NaN
+    python examples/pooled_features_nan.py           # sum-pooled features: the loss spikes, then turns NaN
     python examples/pooled_features_nan.py --norm    # LayerNorm after pooling: trains smoothly, no alert
 
 Sum pooling over a long sequence makes the head's input grow with the sequence and with every update of the
-encoder; at a learning rate that is fine for normalised features, the updates overshoot: within a few steps the
-loss spikes by orders of magnitude, the features explode and the loss turns Inf, then NaN. layerwatch reports
-the spike, the NaN, and where the first non-finite value appeared.
+encoder. A warm-up of 30 steps at a small learning rate goes well; at the full rate, which is fine for normalised
+features, the updates overshoot: within a few steps the loss spikes by orders of magnitude, the features explode
+and the loss turns Inf, then NaN. layerwatch reports the spike, the NaN, and where the first non-finite value
+appeared.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from _common import parser, report
 from torch import nn
 
 import layerwatch
+
+WARMUP_LR, WARMUP_STEPS, LR = 1e-4, 30, 2e-3
 
 
 class Net(nn.Module):
@@ -33,7 +36,7 @@ class Net(nn.Module):
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--norm", action="store_true", help="LayerNorm after the pooling")
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--steps", type=int, default=60)
     args = p.parse_args()
     torch.manual_seed(0)
     inputs = torch.randn(512, 64, 8)
@@ -41,14 +44,18 @@ def main() -> None:
     model = Net(args.norm)
     with torch.no_grad():
         model.head.weight.mul_(0.01)  # start with a small output: the loss begins low and well-behaved
-    opt = torch.optim.SGD(model.parameters(), lr=5e-4, momentum=0.9)
+        model.head.bias.fill_(0.05)  # positive: a one-unit output below zero for a window reads as dead
+    opt = torch.optim.SGD(model.parameters(), lr=WARMUP_LR, momentum=0.9)
     name = "sum-pooling" + ("-layernorm" if args.norm else "")
     with layerwatch.watch(model, run_name=name, project=args.project, url=args.url, every=5) as mon:
-        for _ in range(args.steps):
+        for step in range(args.steps):
+            lr = WARMUP_LR if step < WARMUP_STEPS else LR
+            for group in opt.param_groups:
+                group["lr"] = lr
             batch = torch.randint(0, len(inputs), (32,))
             loss = nn.functional.mse_loss(model(inputs[batch]), targets[batch])
             loss.backward()
-            mon.step(loss=loss, lr=5e-4)
+            mon.step(loss=loss, lr=lr)
             opt.step()
             opt.zero_grad()
     print(f"final loss {loss.item()}")

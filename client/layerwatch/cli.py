@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,16 @@ def sync(directory: Path, url: str, token: str | None, timeout: float, retries: 
             queue = spool.Spool(d, max_bytes=1 << 62)
             while (head := queue.head()) is not None:
                 segment, offset, payload = head
-                result = _deliver(url, payload, token, timeout, retries)
+                result = _deliver(
+                    url,
+                    payload,
+                    token,
+                    timeout,
+                    retries,
+                    lambda error, wait, done=sent: status.update(
+                        f"Uploading batches to {url} ... {done}/{total} ({error}; retrying in {wait:.0f} s)"
+                    ),
+                )
                 if not result.ok:
                     failed += 1
                     console.print(f"[red]{d}: {result.error}[/] - stopping here; run sync again to resume.")
@@ -76,11 +86,21 @@ def sync(directory: Path, url: str, token: str | None, timeout: float, retries: 
         sys.exit(1)
 
 
-def _deliver(url: str, payload: bytes, token: str | None, timeout: float, retries: int) -> transport.Delivery:
+def _deliver(
+    url: str,
+    payload: bytes,
+    token: str | None,
+    timeout: float,
+    retries: int,
+    on_retry: Callable[[str, float], None] | None = None,
+) -> transport.Delivery:
     result = transport.post_batch(url, payload, token, timeout)
     attempt = 0
     while not result.ok and result.retryable and attempt < retries:
-        time.sleep(transport.backoff(attempt, result.retry_after))
+        wait = transport.backoff(attempt, result.retry_after)
+        if on_retry is not None:
+            on_retry(str(result.error), wait)
+        time.sleep(wait)
         attempt += 1
         result = transport.post_batch(url, payload, token, timeout)
     return result

@@ -33,6 +33,16 @@ def _settings(config_file: str | None, **flags: Any) -> Settings:
         raise click.ClickException(str(exc)) from None
 
 
+def _shown(url: str) -> str:
+    """A database/tracking URL fit for a log line: any password masked."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.split("@")[-1] if "@" in url else url
+
+
 @click.group()
 def main() -> None:
     """layerwatch collector: receives training statistics from layerwatch clients."""
@@ -73,6 +83,14 @@ def serve(**flags: Any) -> None:
         engine.dispose()
     if problem:
         raise click.ClickException(problem)
+    log.info(
+        "layerwatch collector: database %s (schema at head), MLflow mirror %s, auth %s; listening on http://%s:%s",
+        _shown(settings.db_url),
+        _shown(settings.mlflow_uri) if settings.mlflow_uri else "off",
+        "off" if settings.no_auth else "tokens",
+        settings.host,
+        settings.port,
+    )
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -90,7 +108,11 @@ def serve(**flags: Any) -> None:
 def migrate(**flags: Any) -> None:
     """Bring the database to the current schema (Alembic upgrade head)."""
     settings = _settings(**flags)
-    migrations.upgrade(settings.db_url)
+    click.echo(f"migrating {_shown(settings.db_url)} to the current schema ...", err=True)
+    try:
+        migrations.upgrade(settings.db_url)
+    except Exception as exc:
+        raise click.ClickException(f"cannot migrate {_shown(settings.db_url)}: {exc}") from None
     click.echo(f"database at {sorted(migrations.head_revisions(settings.db_url))}", err=True)
 
 

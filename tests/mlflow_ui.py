@@ -1,0 +1,106 @@
+"""Headless Chromium on the MLflow UI (selenium + the Debian chromedriver), shared by tests/test_mlflow_ui.py and
+scripts/screenshot. The UI is a React app: every step waits for the element it needs.
+
+Written against the MLflow 3 UI: a run's charts are at ``#/experiments/<exp>/runs/<run>/model-metrics`` with a
+"Search metric charts" box; the run overview (``#/experiments/<exp>/runs/<run>``) lists the latest value of every
+metric; the experiment's run table is at ``#/experiments/<exp>/runs``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+CHROME_FLAGS = (
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+)  # fmt: skip
+
+
+def missing_browser() -> str | None:
+    """Why the UI cannot be driven here, or None."""
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not Path(path).exists() and not shutil.which(Path(path).name):
+            return f"{path} is not installed (Debian packages chromium and chromium-driver)"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (the dev extra)"
+    return None
+
+
+def chrome(profile_dir: Path, width: int = 1400, height: int = 1000) -> Any:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for flag in CHROME_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={profile_dir}")
+    options.add_argument(f"--window-size={width},{height}")
+    options.binary_location = shutil.which(Path(CHROMIUM).name) or CHROMIUM
+    driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver") or CHROMEDRIVER))
+    driver.set_page_load_timeout(60)
+    return driver
+
+
+def wait_for(driver: Any, css: str, timeout: float = 30.0, text: str | None = None) -> Any:
+    """The first element matching ``css`` (and containing ``text``) once the app has rendered it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(driver, timeout)
+    if text is None:
+        return wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, css)))
+    wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, css), text))
+    return driver.find_element(By.CSS_SELECTOR, css)
+
+
+def run_page(base: str, experiment_id: str, run_id: str, tab: str = "") -> str:
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}" + (f"/{tab}" if tab else "")
+
+
+def open_metric_chart(driver: Any, base: str, experiment_id: str, run_id: str, metric: str, fullscreen: bool) -> None:
+    """The run's chart tab filtered down to ``metric``; with ``fullscreen`` the chart opened large."""
+    driver.get(run_page(base, experiment_id, run_id, "model-metrics"))
+    search = wait_for(driver, "input[placeholder='Search metric charts']")
+    search.send_keys(metric)
+    wait_for(driver, "body", text=f"({metric})")  # the chart's legend: "<run name> (<metric>)"
+    close = driver.find_elements("css selector", "button[aria-label='Close']")  # the assistant's side panel
+    if close:
+        close[0].click()
+    if fullscreen:
+        wait_for(driver, "button[data-component-id='fullscreen_button_chartcard']").click()
+        wait_for(driver, "[role='dialog']", text=metric)
+
+
+def wait_for_mirror(
+    collector: str, mlflow_url: str, project: str, metric: str, timeout: float = 60.0
+) -> tuple[str, str]:
+    """(experiment id, MLflow run id) of the project's latest run once ``metric`` reached its last reported step."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_url)
+    layer = metric.split("/")[1]
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = httpx.get(f"{collector}/api/v1/runs", params={"project": project}, timeout=10).json()
+        run = httpx.get(f"{collector}/api/v1/runs/{runs[0]['id']}", timeout=10).json() if runs else {}
+        if run.get("mlflow_run_id"):
+            query = urllib.parse.urlencode({"layer": layer, "stat": metric.rsplit("/", 1)[1]})
+            points = httpx.get(f"{collector}/api/v1/runs/{run['id']}/series?{query}", timeout=10).json()["points"]
+            last = max((p["step"] for p in points if p["value"] is not None), default=None)
+            mirrored = client.get_metric_history(run["mlflow_run_id"], metric)
+            if last is not None and any(m.step == last for m in mirrored):
+                return client.get_run(run["mlflow_run_id"]).info.experiment_id, run["mlflow_run_id"]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{metric} of project {project!r} did not reach MLflow in {timeout:.0f} s")
+        time.sleep(0.5)

@@ -115,6 +115,7 @@ def test_two_replicas_ingest_concurrently_and_share_the_scheduler(tmp_path):
             "LAYERWATCH_NO_AUTH": "1",
             "LAYERWATCH_RETENTION_INTERVAL_S": "1",
             "LAYERWATCH_JOB_INTERVAL_S": "1",
+            "LAYERWATCH_LOG_LEVEL": "debug",  # each tick's "ran" line is a debug message
         }
         logs = [tmp_path / "a.log", tmp_path / "b.log"]
         with (

@@ -46,7 +46,7 @@ def run_once(engine: Engine, job: str, interval_s: float, fn: JobFn, *, replica:
             .returning(JobTick.tick)
         ).first()
     if won is None:
-        log.info("job %s tick=%d skipped (claimed by another replica) replica=%s", job, tick, replica)
+        log.debug("job %s tick=%d skipped (claimed by another replica) replica=%s", job, tick, replica)
         return False
     pg = engine.dialect.name == "postgresql"
     key = zlib.crc32(job.encode())
@@ -63,7 +63,7 @@ def run_once(engine: Engine, job: str, interval_s: float, fn: JobFn, *, replica:
     with engine.begin() as conn:
         conn.execute(update(JobTick).where(JobTick.job == job, JobTick.tick == tick).values(finished_at=utcnow()))
         conn.execute(delete(JobTick).where(JobTick.job == job, JobTick.tick < tick - _KEEP_TICKS))
-    log.info("job %s tick=%d ran replica=%s", job, tick, replica)
+    log.debug("job %s tick=%d ran replica=%s", job, tick, replica)
     return True
 
 

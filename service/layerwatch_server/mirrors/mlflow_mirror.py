@@ -158,7 +158,7 @@ class MlflowMirror:
         self._log(mlflow_id, params=naming.run_params(run.config, layers, params, self.config.max_params))
         client.log_dict(mlflow_id, naming.model_summary(layers, params), "layerwatch/model_summary.json")
         source.set_mlflow_run_id(engine, run.id, mlflow_id)
-        log.info("run %s mirrored to MLflow run %s", run.id, mlflow_id)
+        log.debug("run %s mirrored to MLflow run %s", run.id, mlflow_id)
         return mlflow_id
 
     def _experiment(self, project: str) -> str:

@@ -43,6 +43,8 @@ class StepView:
     layers: dict[str, tuple[str, int, dict[str, float | None]]] = field(default_factory=dict)
     params: dict[str, tuple[list[int], dict[str, float | None]]] = field(default_factory=dict)
     lr: float | None = None
+    # Layers whose dead_frac means something on its own (see ``dead_judged``); None: all of them.
+    dead_judged: set[str] | None = None
 
 
 def views(batch: Batch, steps: list[StepIn]) -> list[StepView]:
@@ -63,7 +65,28 @@ def view(batch: Batch, s: StepIn, detailed: bool = True) -> StepView:
     for row in s.params:
         p = pmeta[int(row[0])]
         v.params[p.name] = (p.shape, dict(zip(batch.param_stats, row[1:], strict=True)))
+    v.dead_judged = dead_judged(batch)
     return v
+
+
+PRE_ACTIVATIONS = frozenset(
+    {"Linear", "Bilinear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"}
+)
+
+
+def dead_judged(batch: Batch) -> set[str]:
+    """Layers whose dead_frac is a finding of its own. A Linear/Conv output counts as dead when never positive
+    only because a functional ``F.relu`` may follow it: when the next watched layer (in execution order) is an
+    activation module, that module reports the same units itself (or, for tanh/GELU..., "never positive" is
+    no death at all); the model's last layer is an output head, whose outputs may well all be negative."""
+    ordered = sorted(batch.layers, key=lambda d: d.index)
+    judged = set()
+    for i, d in enumerate(ordered):
+        if d.type not in PRE_ACTIVATIONS:
+            judged.add(d.name)
+        elif i + 1 < len(ordered) and ordered[i + 1].type in PRE_ACTIVATIONS:
+            judged.add(d.name)  # followed by no activation module: a functional one, if any, sits in between
+    return judged
 
 
 def needs_detail(batch: Batch, s: StepIn) -> tuple[bool, bool]:
@@ -106,8 +129,10 @@ def dead_units(r: Rule, v: StepView) -> list[Obs]:
     out, dead, total = [], 0.0, 0
     for name, (kind, units, st) in v.layers.items():
         df = st.get("dead_frac")
-        if df is None or not r.matches_layer(name):
+        if df is None or not r.matches_layer(name) or (v.dead_judged is not None and name not in v.dead_judged):
             continue
+        if (st.get("nonfinite") or 0) > 0 or _bad(st.get("act_max_abs")):
+            continue  # NaN is never "active": after a NaN every unit reads dead, which non_finite already says
         out.append(
             Obs(
                 r.name,

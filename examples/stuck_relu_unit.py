@@ -33,8 +33,8 @@ def main() -> None:
         model[0].bias.zero_()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     name = "single-unit" + ("-leaky" if args.leaky else "") + ("-positive" if args.positive else "")
-    # A per-run rule override: this toy trains for a few hundred steps, so "no progress for 40 steps" is a
-    # plateau: no 5% gain of the 20-step mean in 60 steps (the default patience, 300 steps, suits real jobs).
+    # A per-run rule override: this toy trains for a few hundred steps, so no 5% gain of the 20-step mean loss
+    # in 60 steps is a plateau (the default patience, 300 steps, suits real jobs).
     rules = {"loss_plateau": {"patience": 60, "window": 20, "min_delta": 0.05}}
     with layerwatch.watch(model, run_name=name, project=args.project, url=args.url, every=10, rules=rules) as mon:
         for _ in range(args.steps):

@@ -68,7 +68,9 @@ def _dead_batch(key: str, project: str) -> dict[str, Any]:
     """Layer blocks.0.fc fully dead for 3 reports (dead_units, ``for: 3``), every count clean otherwise."""
     over: dict[tuple[int, int, str], float | None] = {(s, 0, "dead_frac"): 1.0 for s in range(3)}
     over.update({(s, 0, "nonfinite"): 0.0 for s in range(3)})
-    return make_batch(key, steps=range(3), project=project, n_layers=1, overrides=over)
+    batch = make_batch(key, steps=range(3), project=project, n_layers=1, overrides=over)
+    batch["layers"][0]["type"] = "ReLU"  # a lone Linear would be the output head, whose dead_frac is not judged
+    return batch
 
 
 def test_email_arrives_with_the_alert_context(db_url, engine, tmp_path, smtp):

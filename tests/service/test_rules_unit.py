@@ -385,3 +385,25 @@ def test_routes_by_project_and_severity():
     assert cfg.channels_for("nlp-big", "critical") == ["ops", "chat"]
     assert cfg.channels_for("vision", "critical") == ["ops"] and cfg.channels_for("vision", "warning") == []
     assert parse_alerting({"channels": {"a": {"type": "webhook", "url": "u"}}}).channels_for("x", "info") == ["a"]
+
+
+def test_dead_units_judges_layers_whose_dead_frac_is_a_finding_of_its_own():
+    """Linear/Conv outputs count only where a functional relu may follow them; the output head never."""
+    from layerwatch_server.core.batch import Batch
+    from layerwatch_server.rules.evaluate import view
+
+    from .batches import make_batch
+
+    names = ["fc1", "act1", "fc2", "fc3", "tanh3", "head"]
+    types = ["Linear", "ReLU", "Linear", "Linear", "Tanh", "Linear"]
+    over: dict[tuple[int, int, str], float | None] = {(0, i, "dead_frac"): 1.0 for i in range(len(names))}
+    over.update({(0, i, "nonfinite"): 0.0 for i in range(len(names))})
+    raw = make_batch("k", steps=[0], n_layers=len(names), overrides=over)
+    for layer, name, type_ in zip(raw["layers"], names, types, strict=True):
+        layer["name"], layer["type"] = name, type_
+    batch = Batch.model_validate(raw)
+    rules = {"dead_units": merge([], "p")["dead_units"]}
+    judged = {o.layer for o in evaluate_step(rules, view(batch, batch.steps[0]), {}, None) if o.layer}
+    # fc1 feeds the ReLU module (which reports the same units), fc2 feeds another Linear (a functional relu may
+    # sit between), fc3 feeds a tanh (never positive is no death there), head is the output.
+    assert judged == {"act1", "fc2", "tanh3"}

@@ -127,7 +127,12 @@ class Job:
             "end": None,
             "dropped": {"reports": 0, "batches": 0},
         }
-        self.values = [[i, *(rnd.random() for _ in wire.LAYER_STATS)] for i in range(layers)]
+        # What the client sends for a healthy ReLU-family layer: dead_frac only at the window's last step,
+        # no sat_frac (unbounded), no NaN/Inf.
+        made = {"sat_frac": None, "nonfinite": 0.0}
+        self.values = [[i, *(made.get(s, rnd.random()) for s in wire.LAYER_STATS)] for i in range(layers)]
+        dead = wire.LAYER_STATS.index("dead_frac") + 1
+        self.mid_window = [[*row[:dead], None, *row[dead + 1 :]] for row in self.values]
 
     def batch(self) -> tuple[bytes, list[dict]]:
         steps = []
@@ -140,7 +145,7 @@ class Job:
                     "lr": 1e-3,
                     "grad_norm_total": 1.0,
                     "scalars": {},
-                    "layers": self.values,
+                    "layers": self.values if s == self.next_step + self.steps - 1 else self.mid_window,
                     "params": [],
                 }
             )

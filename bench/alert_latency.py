@@ -153,8 +153,10 @@ def main() -> int:
     }
     (tmp / "rules.yaml").write_text(yaml.safe_dump(rules))
     port = free_port()
+    # The MLflow mirror is off: on SQLite its default is an in-process MLflow store, a demo convenience whose
+    # SQL shares the collector's CPU; in production MLflow is a server of its own.
     env = {**os.environ, "LAYERWATCH_NO_AUTH": "1", "LAYERWATCH_LOG_LEVEL": "warning",
-           "LAYERWATCH_RULES_FILE": str(tmp / "rules.yaml")}  # fmt: skip
+           "LAYERWATCH_RULES_FILE": str(tmp / "rules.yaml"), "LAYERWATCH_MLFLOW_TRACKING_URI": "off"}  # fmt: skip
     cmd = [sys.executable, "-m", "layerwatch_server.cli", "serve", "--port", str(port), "--db", db_url]
     log = open(tmp / "collector.log", "wb")  # noqa: SIM115 - closed after the process ends
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)

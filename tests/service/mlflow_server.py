@@ -6,14 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-
-from .server import free_port
+from .server import free_port, wait_until_ready
 
 
 @contextmanager
@@ -30,18 +27,7 @@ def running_mlflow(tmp: Path) -> Iterator[str]:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {log_path.read_text()[-2000:]}")
-            time.sleep(0.2)
+        wait_until_ready(proc, f"{base}/health", log_path, "mlflow server", timeout=90)
         yield base
     finally:
         if proc.poll() is None:

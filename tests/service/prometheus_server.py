@@ -5,16 +5,14 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
-from .server import free_port
+from .server import free_port, wait_until_ready
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 
@@ -38,18 +36,7 @@ def running_prometheus(tmp: Path, targets: list[str]) -> Iterator[str]:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited: {log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{base}/-/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"prometheus did not start: {log_path.read_text()[-2000:]}")
-            time.sleep(0.2)
+        wait_until_ready(proc, f"{base}/-/ready", log_path, "prometheus", timeout=30)
         yield base
     finally:
         proc.send_signal(signal.SIGTERM)

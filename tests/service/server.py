@@ -21,6 +21,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_ready(proc: subprocess.Popen, url: str, log_path: Path, what: str, timeout: float = 30) -> None:
+    """Poll ``url`` until it answers 200; fail with the tail of the process's log if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start: {log_path.read_text()[-2000:]}")
+        time.sleep(0.1)
+
+
 @contextmanager
 def running_server(
     db_url: str,
@@ -38,18 +54,7 @@ def running_server(
         proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start: {log_path.read_text()[-2000:]}")
-            time.sleep(0.1)
+        wait_until_ready(proc, f"{base}/healthz", log_path, "server")
         yield base, proc
     finally:
         if proc.poll() is None:

@@ -20,7 +20,9 @@ def collector(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("scenario")
     db = f"sqlite:///{tmp}/lw.db"
     subprocess.run([sys.executable, "-m", "layerwatch_server.cli", "migrate", "--db", db], check=True)
-    with running_server(db, log_path=tmp / "server.log", args=("--no-auth",)) as (base, _):
+    # Alerts are what these tests judge: no MLflow mirror (its in-process store would share the CPU).
+    env = {"LAYERWATCH_MLFLOW_TRACKING_URI": "off"}
+    with running_server(db, log_path=tmp / "server.log", args=("--no-auth",), env=env) as (base, _):
         yield base
 
 
@@ -37,6 +39,7 @@ def train(
 ) -> tuple[list[dict[str, Any]], layerwatch.Monitor]:
     """Run ``step(i)`` (which returns the loss to report, or None to stop) under layerwatch; the run's alerts."""
     watch.setdefault("every", 5)
+    watch.setdefault("flush_timeout", 60)  # a loaded CI machine: wait for every batch rather than spool it
     with layerwatch.watch(model, run_name=name, project="scenarios", url=url, **watch) as mon:
         for i in range(steps):
             loss = step(i)
@@ -44,6 +47,7 @@ def train(
                 break
             mon.step(loss=loss)
     assert mon.run_id, "the collector never answered"
+    assert mon.stats["spooled_bytes"] == 0, f"batches left undelivered: {mon.stats}"
     alerts = httpx.get(f"{url}/api/v1/alerts", params={"run_id": mon.run_id}).json()
     return alerts, mon
 

@@ -52,7 +52,7 @@ def run_key(explicit: str | None) -> str:
     return key
 
 
-class MaskReducer:
+class UnitReducer:
     """Combines the per-unit window extremes across ranks, so dead_frac is for the global batch.
 
     A unit is alive when any rank saw it active: the max of maxima and the min of minima decide. The set of

@@ -21,7 +21,7 @@ from torch import nn
 from layerwatch import __version__, stats
 from layerwatch.alerts import Alert
 from layerwatch.config import Config
-from layerwatch.distributed import MaskReducer, rank_and_world, run_key
+from layerwatch.distributed import UnitReducer, rank_and_world, run_key
 from layerwatch.exporter import Exporter
 from layerwatch.layers import select, unwrap
 from layerwatch.recorder import Recorder
@@ -72,7 +72,7 @@ class Monitor:
         self.recorder.attach(watched)
         self._params = [(n, p) for n, p in inner.named_parameters() if p.requires_grad] if config.watch_params else []
         self._param_numel = [p.numel() for _, p in self._params]
-        self._reducer = MaskReducer()
+        self._reducer = UnitReducer()
         self.spool_dir = config.spool_dir / _safe(config.project) / _safe(self.run_key) / f"rank-{self.rank}"
         summary = {
             "model": type(inner).__name__,

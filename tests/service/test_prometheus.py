@@ -88,7 +88,8 @@ def test_thousand_runs_of_hundred_layers_stay_small_and_fast():
     text = scrape(snap)
     render_s = time.perf_counter() - start
     print(f"\nupdate {per_batch_ms:.3f} ms/batch; /metrics {len(text) / 1e6:.1f} MB in {render_s:.2f} s")
-    assert per_batch_ms < 5 and render_s < 5 and len(text) < 10e6
+    # Size is deterministic: 16 layers per run by default (model order) plus the run-level gauges.
+    assert len(text) < 2.5e6 and per_batch_ms < 5 and render_s < 5
 
 
 def test_metrics_endpoint_exposes_health(tmp_path):

@@ -69,7 +69,9 @@ class Settings(BaseSettings):
     # Prometheus /metrics (layerwatch_server.observability)
     metrics_layer_stats: list[str] = Field(["dead_frac"], description="Per-layer gauges.")
     metrics_param_stats: list[str] = Field([], description="Per-parameter gauges.")
-    metrics_max_layers: int = Field(64, ge=0, description="Layers (and params) per run exposed, in model order.")
+    metrics_max_layers: int = Field(
+        16, ge=0, description="Layers (and params) per run exposed, in model order (run-level gauges cover all)."
+    )
     metrics_layer_regex: str = Field("", description="Only layers/params whose name matches (re.search).")
     metrics_stale_s: float = Field(900.0, gt=0, description="Drop a run's series when it sent nothing this long.")
     metrics_ended_s: float = Field(300.0, ge=0, description="Keep an ended run's series this long.")

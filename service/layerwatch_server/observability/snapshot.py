@@ -50,7 +50,7 @@ class LatestSnapshot(Collector):
         layer_stats: tuple[str, ...] = ("dead_frac",),
         param_stats: tuple[str, ...] = (),
         *,
-        max_layers: int = 64,
+        max_layers: int = 16,
         layer_regex: str = "",
         stale_s: float = 900.0,
         ended_s: float = 300.0,

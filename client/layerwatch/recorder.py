@@ -114,7 +114,7 @@ class Recorder:
             unit_min = unit_min.to(raw.device, non_blocking=True) if unit_min is not None else None
         if merge:
             stats.merge_raw(raw[layer.index, self.slot], record)
-        elif record.data_ptr() != raw[layer.index, self.slot].data_ptr():
+        elif a.device != raw.device:  # otherwise activation_raw wrote into the buffer already
             raw[layer.index, self.slot] = record
         # Running per-unit extremes over the window; fmax/fmin let a NaN neither kill nor revive a unit.
         units = slice(layer.unit_offset, layer.unit_offset + layer.units)

@@ -68,8 +68,10 @@ def test_collector_down_then_busy_then_slow_then_back(tmp_path):
     mon.close()
     try:
         assert server.steps() == expected(mon, 50)  # every step arrived; re-sends are (run, rank, step) no-ops
-        first_arrival = [b["steps"][0]["step"] for b in server.batches if b["steps"]]
-        assert first_arrival == sorted(first_arrival) or max(server.received.values()) > 1
+        # Spool first, oldest first, one batch at a time: batches first arrive in the order they were made
+        # (a re-sent batch arrives again later, with its old seq).
+        first_seen = list(dict.fromkeys(b["seq"] for b in server.batches))
+        assert first_seen == sorted(first_seen)
         assert mon.stats["spooled_bytes"] == 0
     finally:
         server.stop()
@@ -90,7 +92,7 @@ def test_a_refused_token_spools_everything_for_a_later_sync(collector, tmp_path,
     assert result.exit_code == 0, result.output
     assert collector.steps() == expected(mon, 10)
     again = CliRunner().invoke(cli, ["sync", str(tmp_path / "spool"), "--url", collector.url])
-    assert (again.exit_code == 0 and "No spooled batches" in again.output) or collector.steps() == expected(mon, 10)
+    assert again.exit_code == 0 and "No spooled batches" in again.output  # delivered segments are gone
 
 
 def test_offline_run_then_sync(collector, tmp_path):

@@ -200,7 +200,10 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=10, help="steps per alternating block")
     parser.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(GPU_MODELS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     available = GPU_MODELS if device.type == "cuda" else CPU_MODELS
     names = args.models.split(",") if args.models else list(available)

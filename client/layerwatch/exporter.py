@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from layerwatch import transport, wire
-from layerwatch.report import Report, first_nonfinite, translate
+from layerwatch.report import Report, first_nonfinite, translate, uncounted_nonfinite
 from layerwatch.spool import Spool
 
 log = logging.getLogger("layerwatch")
@@ -37,6 +37,7 @@ class Exporter:
         max_queued_batches: int,
         max_backoff: float,
         on_response: Callable[[dict[str, Any]], None],
+        on_uncounted_nonfinite: Callable[[], None] | None = None,
     ) -> None:
         self.header = header  # run, rank, host, pid: the same in every batch
         self.params = params  # the parameter registry, in every batch
@@ -46,6 +47,7 @@ class Exporter:
         self.max_queued = max_queued_batches
         self.max_backoff = max_backoff
         self.on_response = on_response
+        self.on_uncounted_nonfinite = on_uncounted_nonfinite  # a NaN/Inf seen in a sum, not yet counted
         self.dropped_reports = 0
         self.delivered = 0
         self.last_error = ""
@@ -89,6 +91,8 @@ class Exporter:
             report.ready.synchronize()  # waits here, on this thread, never on the training thread
         values = report.flat.tolist() if report.flat is not None else []
         steps = translate(report, values, self._weight_norms)
+        if self.on_uncounted_nonfinite is not None and uncounted_nonfinite(steps):
+            self.on_uncounted_nonfinite()
         batch = {"v": wire.VERSION, **self.header, "seq": self._seq}
         if not self._first_batch:
             batch["run"] = {k: v for k, v in batch["run"].items() if k != "config"}

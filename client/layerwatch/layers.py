@@ -47,6 +47,7 @@ class LayerSpec:
     conv: bool  # the unit dim is the channel dim (1), not the last
     nonneg: bool  # outputs are never negative (ReLU, sigmoid, ...): active means > eps, no minimum needed
     sat: tuple[float, float] | None  # (center, threshold) for bounded activations
+    activation: bool = False  # an activation module (not a Linear/Conv output)
 
 
 def kind_of(module: nn.Module) -> str:
@@ -107,6 +108,7 @@ def select(
                 conv=isinstance(module, CONV),
                 nonneg=isinstance(module, NONNEGATIVE),
                 sat=saturation_band(module, sat_margin),
+                activation=not isinstance(module, CONV + LINEAR),
             ),
         )
 

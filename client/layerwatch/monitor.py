@@ -112,6 +112,7 @@ class Monitor:
             max_queued_batches=config.max_queued_batches,
             max_backoff=config.max_backoff,
             on_response=self._on_response,
+            on_uncounted_nonfinite=self._count_nonfinite,
         )
         me = weakref.ref(self)
         atexit.register(_close_at_exit, me)
@@ -221,6 +222,11 @@ class Monitor:
                 if self._alerts.get(alert.id) != alert:
                     self._alerts[alert.id] = alert
                     self._new_alerts.append(alert)
+
+    def _count_nonfinite(self) -> None:  # exporter thread
+        if not self.recorder.count_nonfinite:
+            log.warning("layerwatch: a NaN/Inf appeared; counting non-finite values element by element from now on")
+        self.recorder.count_nonfinite = True
 
     def _dispatch_alerts(self) -> None:
         """Callbacks run here, on the training thread, so they may checkpoint or raise to stop training."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,14 @@ class Layer:
     shape: list[int]
     unit_offset: int  # where this layer's activity mask starts in the flat mask buffer
     called_in_window: bool = False
+    # A Linear/Conv output that a watched activation module takes as its input: its units are measured
+    # there, so it gets the distribution statistics only (no per-unit extremes, no zero count).
+    feeds_activation: bool = False
+    # Views into the recorder's buffers (rebuilt when they grow): this layer's record in each step slot,
+    # and its units' running extremes. Built once, they spare each call a few tensor indexing ops.
+    records: list[torch.Tensor] = field(default_factory=list, repr=False)
+    high: torch.Tensor | None = field(default=None, repr=False)
+    low: torch.Tensor | None = field(default=None, repr=False)
 
     def describe(self) -> dict:
         return {
@@ -57,6 +66,11 @@ class Recorder:
     def __init__(self, every: int, eps: float) -> None:
         self.every = every
         self.eps = eps
+        # NaN/Inf are counted element by element once a report has shown one (set by the exporter thread);
+        # until then a finite sum proves there are none, which saves a pass over every activation.
+        self.count_nonfinite = False
+        self._scratch = stats.Scratch()
+        self._last: tuple[weakref.ref, Layer] | None = None  # the output recorded last and its layer
         self.layers: list[Layer] = []
         self._by_module: dict[int, dict[int, Layer]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -90,43 +104,67 @@ class Recorder:
             if tensor is None or not tensor.is_floating_point() or tensor.numel() == 0:
                 return
             try:
-                self._record(module, spec, tensor.detach())
+                if spec.activation and inputs and self._last is not None:
+                    self._note_input(inputs[0])
+                layer = self._record(module, spec, tensor.detach())
+                self._last = (weakref.ref(tensor), layer)
             except Exception:  # never let the monitor break the forward pass
                 self.failed = True
                 log.exception("layerwatch: activation statistics disabled after an error in %s", spec.name)
 
         return hook
 
-    def _record(self, module: nn.Module, spec: LayerSpec, a: torch.Tensor) -> None:
+    def _note_input(self, source: object) -> None:
+        """An activation module whose input is the Linear/Conv output recorded just before: that layer's
+        units are measured here, after the activation, from the next call on."""
+        assert self._last is not None
+        output, previous = self._last
+        if source is output() and not previous.spec.activation:
+            previous.feeds_activation = True
+
+    def _record(self, module: nn.Module, spec: LayerSpec, a: torch.Tensor) -> Layer:
         unit_dim = self._unit_dim(spec, a)
         units = a.shape[unit_dim] if a.dim() else 1
         layer = self._by_module.get(id(module), {}).get(units) or self._new_layer(module, spec, a, unit_dim)
-        raw, high, low = self._raw, self._high, self._low
-        assert raw is not None and high is not None and low is not None
-        merge = layer.index in self.current.elements
-        if merge or a.device != raw.device:
-            record = torch.empty(stats.RAW_WIDTH, device=a.device)
-        else:
-            record = raw[layer.index, self.slot]
-        unit_max, unit_min = stats.activation_raw(a, layer.unit_dim, self.eps, spec.sat, record, spec.nonneg)
-        if a.device != raw.device:
-            record, unit_max = (t.to(raw.device, non_blocking=True) for t in (record, unit_max))
-            unit_min = unit_min.to(raw.device, non_blocking=True) if unit_min is not None else None
+        elements = self.current.elements
+        merge = layer.index in elements
+        elsewhere = a.device != layer.records[self.slot].device
+        record = torch.empty(stats.RAW_WIDTH, device=a.device) if merge or elsewhere else layer.records[self.slot]
+        full = not layer.feeds_activation
+        unit_max, unit_min = stats.activation_raw(
+            a,
+            layer.unit_dim,
+            self.eps,
+            spec.sat,
+            record,
+            spec.nonneg,
+            positive_only=_positive_only(spec),
+            per_unit=full,
+            zeros=full,
+            count_finite=self.count_nonfinite,
+            scratch=self._scratch,
+        )
+        if elsewhere:
+            device = layer.records[self.slot].device
+            record = record.to(device, non_blocking=True)
+            unit_max = unit_max.to(device, non_blocking=True) if unit_max is not None else None
+            unit_min = unit_min.to(device, non_blocking=True) if unit_min is not None else None
         if merge:
-            stats.merge_raw(raw[layer.index, self.slot], record)
-        elif a.device != raw.device:  # otherwise activation_raw wrote into the buffer already
-            raw[layer.index, self.slot] = record
+            stats.merge_raw(layer.records[self.slot], record)
+        elif elsewhere:  # otherwise activation_raw wrote into the buffer already
+            layer.records[self.slot].copy_(record)
         # Running per-unit extremes over the window; fmax/fmin let a NaN neither kill nor revive a unit.
-        units = slice(layer.unit_offset, layer.unit_offset + layer.units)
-        torch.fmax(high[units], unit_max, out=high[units])
-        if unit_min is not None and not _positive_only(spec):
-            torch.fmin(low[units], unit_min, out=low[units])
-        if layer.index in self.current.elements:
-            self.current.elements[layer.index] += a.numel()
+        if unit_max is not None:
+            torch.fmax(layer.high, unit_max, out=layer.high)
+        if unit_min is not None:
+            torch.fmin(layer.low, unit_min, out=layer.low)
+        if merge:
+            elements[layer.index] += a.numel()
         else:
-            self.current.elements[layer.index] = a.numel()
+            elements[layer.index] = a.numel()
             self.current.order.append(layer.index)
         layer.called_in_window = True
+        return layer
 
     def _unit_dim(self, spec: LayerSpec, a: torch.Tensor) -> int:
         """Channel dim for conv outputs (and activations applied to them), the last dim otherwise."""
@@ -165,6 +203,10 @@ class Recorder:
             if high is not None and low is not None:
                 self._high[: high.numel()] = high
                 self._low[: low.numel()] = low
+        for layer in self.layers:
+            layer.records = list(self._raw[layer.index].unbind(0))
+            layer.high = self._high.narrow(0, layer.unit_offset, layer.units)
+            layer.low = self._low.narrow(0, layer.unit_offset, layer.units)
         self._segments = None
 
     # -- steps and windows -----------------------------------------------------------------------------
@@ -201,7 +243,7 @@ class Recorder:
         dead = torch.zeros(len(self.layers), device=high.device)
         dead.index_add_(0, self._segments, (~active).float())
         dead /= self._units
-        called = [layer.called_in_window for layer in self.layers]
+        called = [layer.called_in_window and not layer.feeds_activation for layer in self.layers]
         self._high.fill_(-math.inf)
         self._low.fill_(math.inf)
         for layer in self.layers:

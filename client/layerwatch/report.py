@@ -115,14 +115,28 @@ def translate(report: Report, values: list[float], weight_norms: dict[int, float
     return out
 
 
+_NONFINITE = wire.LAYER_STATS.index("nonfinite") + 1
+_MEAN = wire.LAYER_STATS.index("act_mean") + 1
+
+
+def _shows_nonfinite(row: list) -> bool:
+    """A layer row with a NaN/Inf element: counted, or (before counting began) seen in its sum."""
+    count, mean = row[_NONFINITE], row[_MEAN]
+    return bool(count) if count is not None else mean is not None and not math.isfinite(mean)
+
+
+def uncounted_nonfinite(steps: list[dict[str, Any]]) -> bool:
+    """Whether some layer showed a NaN/Inf that was not counted element by element (see Recorder)."""
+    return any(row[_NONFINITE] is None and _shows_nonfinite(row) for step in steps for row in step["layers"])
+
+
 def first_nonfinite(steps: list[dict[str, Any]], layer_names: list[str], param_names: list[str], rank: int):
     """Where the first NaN/Inf of these steps appeared: forward activations in execution order, then the
     loss, then gradients in backward order (parameters of the last layers first)."""
-    nonfinite = wire.LAYER_STATS.index("nonfinite") + 1
     grad_nonfinite = wire.PARAM_STATS.index("grad_nonfinite") + 1
     for step in steps:
         for row in step["layers"]:  # rows are in forward execution order
-            if row[nonfinite]:
+            if _shows_nonfinite(row):
                 return {"step": step["step"], "pass": "forward", "layer": layer_names[row[0]], "rank": rank}
         loss = step["loss"]
         if loss is not None and not math.isfinite(loss):

@@ -27,24 +27,52 @@ PARAM_WIDTH = 5
 _F32 = torch.float32
 
 
-def _count_finite(t: torch.Tensor, acc: torch.dtype = _F32) -> torch.Tensor:
+def _count_finite(t: torch.Tensor, acc: torch.dtype = _F32, scratch: Scratch | None = None) -> torch.Tensor:
     # 1 + 0*x is 1 where x is finite and NaN where it is NaN or Inf; nansum skips the NaNs.
     # (x - x + 1 is the same value but x - x with aliased inputs takes a slow path on CPU.)
-    return torch.add(_one(t), t, alpha=0).nansum(dtype=acc)
+    temporary = scratch.like(t) if scratch is not None else None
+    return torch.add(_constant(t, 1.0), t, alpha=0, out=temporary).nansum(dtype=acc)
 
 
-_ONES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+_CONSTANTS: dict[tuple[torch.device, torch.dtype, str], torch.Tensor] = {}
 
 
-def _one(t: torch.Tensor) -> torch.Tensor:
-    key = (t.device, t.dtype)
-    one = _ONES.get(key)
-    if one is None:
-        one = _ONES[key] = torch.ones((), device=t.device, dtype=t.dtype)
-    return one
+def _constant(t: torch.Tensor, value: float) -> torch.Tensor:
+    """A cached 0-d tensor on ``t``'s device: creating one per call costs an allocation (and on CUDA a copy)."""
+    key = (t.device, t.dtype, repr(value))
+    constant = _CONSTANTS.get(key)
+    if constant is None:
+        constant = _CONSTANTS[key] = torch.full((), value, device=t.device, dtype=t.dtype)
+    return constant
 
 
-@torch.no_grad()
+class Scratch:
+    """One reusable buffer per dtype for the elementwise temporaries of CPU activations.
+
+    The CPU allocator hands large blocks back to the OS when they are freed, so a fresh temporary of
+    activation size page-faults its way in again on every call: measured at 2-6x the arithmetic. CUDA's
+    caching allocator reuses its blocks already, so there ``like`` answers None (allocate as usual).
+    The buffer grows to the largest watched activation and lives as long as its owner (one recorder)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}
+        self._views: dict[tuple[torch.dtype, torch.Size], torch.Tensor] = {}
+
+    def like(self, t: torch.Tensor) -> torch.Tensor | None:
+        if not t.is_cpu:
+            return None
+        view = self._views.get((t.dtype, t.shape))
+        if view is not None:
+            return view
+        buffer = self._buffers.get(t.dtype)
+        if buffer is None or buffer.numel() < t.numel() or len(self._views) > 64:
+            if buffer is None or buffer.numel() < t.numel():
+                buffer = self._buffers[t.dtype] = torch.empty(t.numel(), dtype=t.dtype)
+            self._views = {}  # views of an old buffer, or of many shapes (variable sequence lengths)
+        view = self._views[(t.dtype, t.shape)] = buffer.narrow(0, 0, t.numel()).view(t.shape)
+        return view
+
+
 def activation_raw(
     a: torch.Tensor,
     unit_dim: int,
@@ -52,39 +80,66 @@ def activation_raw(
     sat: tuple[float, float] | None,
     out: torch.Tensor,
     nonneg: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Reduce one activation into ``out`` (RAW_WIDTH,) and return its per-unit (max, min), (units,) each.
-
-    ``nonneg``: the module's outputs are never negative, so the minimum is not computed (it is returned as
-    None and recorded as 0).
+    *,
+    positive_only: bool = False,
+    per_unit: bool = True,
+    zeros: bool = True,
+    count_finite: bool = True,
+    scratch: Scratch | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Reduce one detached activation into ``out`` (RAW_WIDTH,); return its per-unit (max, min), (units,) each.
 
     Columns: sum, sum of squares, max, min, finite count, count of finite |a| > eps, count of saturated
-    elements (|a - center| > threshold for ``sat`` = (center, threshold); a placeholder when None).
+    elements (|a - center| > threshold for ``sat`` = (center, threshold)). A column not measured holds NaN
+    (a count never is NaN), and each flag below drops passes over the activation:
+
+    - ``nonneg``: outputs are never negative, so no minimum is computed (recorded as 0).
+    - ``positive_only``: active means > eps, so the per-unit minimum is not needed (returned as None).
+    - ``per_unit=False``: no per-unit extremes at all (both returned as None), for an output whose units
+      an activation module right after it measures already.
+    - ``zeros=False``: no count of |a| > eps.
+    - ``count_finite=False``: no finite count. A NaN or Inf element makes the sum non-finite, so a finite
+      sum still proves the count is the element count; the host reads it that way (see finalize_activation).
+    - ``scratch``: where elementwise temporaries go (see Scratch).
     """
     if a.dim() == 0:
         a = a.reshape(1)
-    dims = [d for d in range(a.dim()) if d != unit_dim % a.dim()]
-    unit_max = a.amax(dim=dims) if dims else a  # (units,)
-    unit_min = None if nonneg else (a.amin(dim=dims) if dims else a)  # (units,)
     acc = a.dtype if a.dtype in (torch.float32, torch.float64) else _F32  # half types accumulate in fp32
+    unit_max = unit_min = None
+    if per_unit:
+        dims = [d for d in range(a.dim()) if d != unit_dim % a.dim()]
+        unit_max = a.amax(dim=dims) if dims else a  # (units,)
+        high = unit_max.max()
+        if not positive_only:
+            unit_min = a.amin(dim=dims) if dims else a
+            low = unit_min.min()
+        else:
+            low = _constant(a, 0.0) if nonneg else a.min()
+    elif nonneg:
+        high, low = a.max(), _constant(a, 0.0)
+    else:
+        low, high = torch.aminmax(a)
     flat = a.reshape(-1)
     if a.dtype == acc and flat.is_contiguous():
         sumsq = torch.dot(flat, flat)
     else:
         sumsq = torch.linalg.vector_norm(a, 2, dtype=acc).square()
-    finite = _count_finite(a, acc)
-    if eps > 0:
+    nan = _constant(a, math.nan)
+    finite = _count_finite(a, acc, scratch) if count_finite else nan
+    temporary = scratch.like(a) if scratch is not None and (zeros or sat is not None) else None
+    if not zeros:
+        nonzero = nan
+    elif eps > 0:
         nonzero = ((a.abs() > eps) & torch.isfinite(a)).sum(dtype=acc)
     else:
-        nonzero = torch.div(a, a).nansum(dtype=acc)  # x/x is 1 where x is finite and non-zero, else NaN
+        nonzero = torch.div(a, a, out=temporary).nansum(dtype=acc)  # x/x: 1 if finite and non-zero, else NaN
     if sat is None:
-        saturated = finite
+        saturated = nan
     else:
         center, threshold = sat
-        distance = (a - center).abs_() if center else a.abs()
+        distance = torch.sub(a, center, out=temporary).abs_() if center else torch.abs(a, out=temporary)
         saturated = distance.sub_(threshold).clamp_(min=0).sign_().nansum(dtype=acc)
-    low = unit_min.min() if unit_min is not None else torch.zeros((), device=a.device, dtype=a.dtype)
-    parts = (a.sum(dtype=acc), sumsq, unit_max.max(), low, finite, nonzero, saturated)
+    parts = (a.sum(dtype=acc), sumsq, high, low, finite, nonzero, saturated)
     if acc != _F32 or a.dtype != _F32:
         parts = tuple(p.to(_F32) for p in parts)
     torch.stack(parts, out=out)
@@ -93,8 +148,15 @@ def activation_raw(
 
 @torch.no_grad()
 def grad_norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The every-step parameter record: each gradient's L2 norm, (P,) float32, one fused multi-tensor kernel.
-    A NaN/Inf anywhere in a gradient makes its norm non-finite, so this alone catches non-finite gradients."""
+    """The every-step parameter record: each gradient's L2 norm, (P,) float32.
+    A NaN/Inf anywhere in a gradient makes its norm non-finite, so this alone catches non-finite gradients.
+
+    On CUDA one fused multi-tensor kernel; on CPU ``_foreach_norm`` is a loop of per-tensor norms that
+    measured 2x a loop of BLAS dot products, so contiguous float32 gradients take the dot (its float32 sum
+    of squares reads a norm past ~1.8e19 as Inf: a gradient that large has exploded either way)."""
+    if all(g.device.type == "cpu" and g.dtype == _F32 and g.is_contiguous() for g in grads):
+        flats = [g.reshape(-1) for g in grads]
+        return torch.stack([torch.dot(f, f) for f in flats]).sqrt_()
     return torch.stack([t.to(_F32) for t in torch._foreach_norm(grads, 2)])
 
 
@@ -112,8 +174,13 @@ def param_raw(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> 
 
 
 def finalize_activation(raw: Sequence[float], n: int, bounded: bool) -> dict[str, float | None]:
-    """Host-side: turn a raw record over n elements into the wire statistics (all but dead_frac)."""
+    """Host-side: turn a raw record over n elements into the wire statistics (all but dead_frac).
+
+    A column that was not measured (NaN) gives None. An uncounted finite count is n when the sum is finite
+    (any NaN or Inf element would have made it non-finite) and unknown (None) otherwise."""
     total, sumsq, high, low, finite, nonzero, saturated = raw
+    if math.isnan(finite) and math.isfinite(total):
+        finite = float(n)
     mean = total / n
     if not (math.isfinite(sumsq) and math.isfinite(mean)):
         std = math.nan
@@ -125,9 +192,9 @@ def finalize_activation(raw: Sequence[float], n: int, bounded: bool) -> dict[str
         "act_mean": mean,
         "act_std": std,
         "act_max_abs": max(high, -low) if not (math.isnan(high) or math.isnan(low)) else math.nan,
-        "zero_frac": (finite - nonzero) / n,
-        "sat_frac": saturated / n if bounded else None,
-        "nonfinite": float(round(n - finite)),
+        "zero_frac": None if math.isnan(finite) or math.isnan(nonzero) else (finite - nonzero) / n,
+        "sat_frac": saturated / n if bounded and not math.isnan(saturated) else None,
+        "nonfinite": None if math.isnan(finite) else float(round(n - finite)),
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -42,22 +43,54 @@ def test_a_unit_alive_on_one_batch_of_the_window_is_alive(tmp_path):
     assert [rows[s]["zero_frac"] for s in range(4)] == [0.75, 0.75, 1.0, 0.75]
 
 
-def test_dead_channels_of_a_conv_layer(tmp_path):
+class FunctionalReLU(nn.Module):
+    """A conv whose ReLU is F.relu, not a module: only the conv's own output shows its dead channels."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(x))
+
+
+def dead_biased_conv() -> nn.Conv2d:
     conv = nn.Conv2d(3, 4, 3)
     with torch.no_grad():
         conv.bias[:2] = -1e3  # channels 0 and 1 never positive
         conv.bias[2:] = 1e3
-    model = nn.Sequential(conv, nn.ReLU())
+    return conv
+
+
+def test_dead_channels_of_a_conv_layer(tmp_path):
+    model = nn.Sequential(dead_biased_conv(), nn.ReLU())
     mon = offline(model, tmp_path, every=3)
     for _ in range(3):
         model(torch.randn(2, 3, 8, 8)).sum().backward()
         mon.step()
     mon.close()
     batches = read_spool(tmp_path)
-    assert layer_rows(batches, "0")[2]["dead_frac"] == 0.5
     assert layer_rows(batches, "1")[2]["dead_frac"] == 0.5
+    # The conv's output feeds the ReLU module, which measures its channels: from the second step on the
+    # conv reports its distribution only, and no dead fraction of its own.
+    conv_rows = layer_rows(batches, "0")
+    assert conv_rows[0]["zero_frac"] == 0.0 and conv_rows[1]["zero_frac"] is None
+    assert conv_rows[2]["dead_frac"] is None
+    assert conv_rows[2]["act_max_abs"] > 999 and conv_rows[2]["nonfinite"] == 0.0
     layers = {entry["name"]: entry for entry in batches[0]["layers"]}
     assert layers["0"]["units"] == 4 and layers["0"]["shape"] == [2, 4, 6, 6]
+
+
+def test_dead_channels_before_a_functional_relu(tmp_path):
+    model = FunctionalReLU(dead_biased_conv())
+    mon = offline(model, tmp_path, every=3)
+    for _ in range(3):
+        model(torch.randn(2, 3, 8, 8)).sum().backward()
+        mon.step()
+    mon.close()
+    rows = layer_rows(read_spool(tmp_path), "conv")
+    assert rows[2]["dead_frac"] == 0.5
+    assert [rows[s]["zero_frac"] for s in range(3)] == [0.0, 0.0, 0.0]
 
 
 def test_steps_loss_lr_scalars_and_gradients_match_torch(tmp_path):
@@ -135,10 +168,14 @@ def test_saturated_tanh_is_measured(tmp_path):
 def test_first_nan_origin_in_forward_pass(tmp_path):
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
     mon = offline(model, tmp_path, every=4)
-    for step in range(8):
+    for step in range(12):
         if step == 5:
             with torch.no_grad():
                 model[2].weight[0, 0] = float("nan")
+        if step == 8:  # the report of steps 4-7 showed the NaN: element counting is switched on
+            deadline = time.monotonic() + 10
+            while not mon.recorder.count_nonfinite and time.monotonic() < deadline:
+                time.sleep(0.01)
         model(torch.randn(16, 4)).mean().backward()
         mon.step(loss=torch.tensor(1.0))
         model.zero_grad()
@@ -146,8 +183,12 @@ def test_first_nan_origin_in_forward_pass(tmp_path):
     batches = read_spool(tmp_path)
     origins = [b["nonfinite_origin"] for b in batches if b["nonfinite_origin"]]
     assert origins == [{"step": 5, "pass": "forward", "layer": "2", "rank": 0}]
-    assert layer_rows(batches, "2")[5]["nonfinite"] == 16  # one unit, 16 samples: counted, not filtered
-    assert layer_rows(batches, "0")[5]["nonfinite"] == 0
+    nan_layer = layer_rows(batches, "2")
+    # Seen in the sums at once; counted element by element from the step after its report was read.
+    assert math.isnan(nan_layer[5]["act_mean"]) and nan_layer[5]["nonfinite"] is None
+    assert nan_layer[9]["nonfinite"] == 16  # one unit, 16 samples: counted, not filtered
+    assert layer_rows(batches, "0")[5]["nonfinite"] == 0  # a finite sum proves there were none
+    assert layer_rows(batches, "0")[9]["nonfinite"] == 0
 
 
 def test_first_nan_origin_in_backward_pass(tmp_path):

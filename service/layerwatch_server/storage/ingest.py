@@ -20,6 +20,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 from sqlalchemy import BigInteger, Connection, Engine, String, Table, bindparam, select, text, update
@@ -227,18 +228,14 @@ class Ingestor:
         names = batch.layer_stats if attr == "layers" else batch.param_stats
         cols = ", ".join(["run_id", id_col, "rank", "step", *names])
         rank = batch.rank
-        if self.pg:
-            rows = [
-                (run_id, ids[int(r[0])], rank, step, *r[1:]) for step, s in new_steps.items() for r in getattr(s, attr)
-            ]
-        else:
-            rows = [
-                (run_id, ids[int(r[0])], rank, step, *[("NaN" if v != v else v) for v in r[1:]])
-                for step, s in new_steps.items()
-                for r in getattr(s, attr)
-            ]
+        # r[0] is a float that equals an int (the batch check made sure), so it finds the int key as it is
+        rows = [(run_id, ids[r[0]], rank, step, *r[1:]) for step, s in new_steps.items() for r in getattr(s, attr)]
         if not rows:
             return 0
+        # SQLite would store a bound NaN as NULL: NaN goes in as text (see storage.base). One scan in C finds
+        # whether the batch has any (NaN != NaN); only then is each value looked at.
+        if not self.pg and not all(map(operator.eq, chain.from_iterable(rows), chain.from_iterable(rows))):
+            rows = [tuple("NaN" if v != v else v for v in row) for row in rows]
         # In primary-key order (series, then step; the sort is stable and steps are sorted): each B-tree
         # leaf is visited once per batch instead of once per step, ~25% less insert work on SQLite.
         rows.sort(key=_SERIES_ID)

@@ -232,10 +232,14 @@ class Ingestor:
         rows = [(run_id, ids[r[0]], rank, step, *r[1:]) for step, s in new_steps.items() for r in getattr(s, attr)]
         if not rows:
             return 0
-        # SQLite would store a bound NaN as NULL: NaN goes in as text (see storage.base). One scan in C finds
-        # whether the batch has any (NaN != NaN); only then is each value looked at.
-        if not self.pg and not all(map(operator.eq, chain.from_iterable(rows), chain.from_iterable(rows))):
-            rows = [tuple("NaN" if v != v else v for v in row) for row in rows]
+        # SQLite would store a bound NaN as NULL: NaN goes in as text (see storage.base). The sum of every
+        # value, in C, is NaN when one is (or when +Inf meets -Inf); only then is each value looked at.
+        if not self.pg:
+            total = sum(
+                filter(None, chain.from_iterable(chain.from_iterable(getattr(s, attr) for s in new_steps.values())))
+            )
+            if total != total:
+                rows = [tuple("NaN" if v != v else v for v in row) for row in rows]
         # In primary-key order (series, then step; the sort is stable and steps are sorted): each B-tree
         # leaf is visited once per batch instead of once per step, ~25% less insert work on SQLite.
         rows.sort(key=_SERIES_ID)

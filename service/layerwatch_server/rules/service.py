@@ -2,9 +2,11 @@
 
 Evaluation runs inside the batch's own transaction (:meth:`Alerting.evaluate`, under a savepoint the
 ingestor holds, so one commit covers rows, alerts and memory); :meth:`Alerting.on_ingest` runs after the
-commit. The rank's memory row is locked first (FOR UPDATE on PostgreSQL; SQLite has one writer), so replicas
-ingesting the same run take turns and agree on counters and alert states. Alert changes and their outbox
-rows commit with the batch; the sender is woken after the commit.
+commit. On PostgreSQL the run's row is locked first (FOR UPDATE; SQLite has one writer), so the ranks and
+replicas ingesting a run take turns on its alerts and agree on their states, and every writer of a run's
+alerts locks in one order (the run, then its alerts; the scheduler's tick does the same): no deadlocks.
+The rank's memory row is locked next. Alert changes and their outbox rows commit with the batch; the sender
+is woken after the commit.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ Clock = Callable[[], dt.datetime]
 HOOK = "alerting"  # the name of the in-transaction hook, and of what it stages on IngestResult
 
 # Built once: Core statements built per batch cost more to compile-cache than to run.
-_RUN_FIELDS = select(Run.config, Run.nonfinite_origin).where(Run.id == bindparam("id"))
+_LOCK_RUN = select(Run.config, Run.nonfinite_origin).where(Run.id == bindparam("id")).with_for_update()
 _LOCK_MEMORY = (
     select(RuleState.data)
     .where(RuleState.run_id == bindparam("r_id"), RuleState.rank == bindparam("r_rank"))
@@ -148,8 +150,8 @@ class Alerting:
         now = self.clock()
         queued: list[OutboxRow] = []
         conn = s.connection()
+        config, origin = conn.execute(_LOCK_RUN, {"id": res.run_id}).one()
         mem = self._lock_memory(conn, res.run_id, batch.rank, now)
-        config, origin = conn.execute(_RUN_FIELDS, {"id": res.run_id}).one()
         rules = self.rules_for(batch.run.project, config or batch.run.config)
         alerts = store.load(conn, res.run_id)
         last = mem.get("last_step", -1)
@@ -221,6 +223,15 @@ class Alerting:
                 idle = (now - run.last_seen).total_seconds()
                 if idle < rule.threshold:
                     continue
+                # The run row first, as ingest locks it (then the run's alerts); nothing changed when data came
+                # in since it was read.
+                stalled = s.execute(
+                    update(Run)
+                    .where(Run.id == run.id, Run.status == "running", Run.last_seen == run.last_seen)
+                    .values(status="stalled")
+                )
+                if stalled.rowcount == 0:
+                    continue
                 alerts = {
                     (a.rule, a.layer_key): a for a in s.scalars(select(AlertRow).where(AlertRow.run_id == run.id))
                 }
@@ -237,7 +248,6 @@ class Alerting:
                     run.last_step,
                 )
                 s.add_all(lc.new)
-                s.execute(update(Run).where(Run.id == run.id, Run.status == "running").values(status="stalled"))
                 stalled_runs.append((run.id, [alert_dict(a) for a in (*alerts.values(), *lc.new)]))
             due = now - dt.timedelta(seconds=self.cfg.notify.renotify_s)
             for a in s.scalars(select(AlertRow).where(AlertRow.state == "firing", AlertRow.notified_at < due)):

@@ -5,8 +5,8 @@ ingestor holds, so one commit covers rows, alerts and memory); :meth:`Alerting.o
 commit. On PostgreSQL the run's row is locked first (FOR UPDATE; SQLite has one writer), so the ranks and
 replicas ingesting a run take turns on its alerts and agree on their states, and every writer of a run's
 alerts locks in one order (the run, then its alerts; the scheduler's tick does the same): no deadlocks.
-The rank's memory row is locked next. Alert changes and their outbox rows commit with the batch; the sender
-is woken after the commit.
+The rank's memory row is only ever written under that lock. Alert changes and their outbox rows commit with
+the batch; the sender is woken after the commit.
 """
 
 from __future__ import annotations
@@ -42,11 +42,7 @@ HOOK = "alerting"  # the name of the in-transaction hook, and of what it stages 
 
 # Built once: Core statements built per batch cost more to compile-cache than to run.
 _LOCK_RUN = select(Run.config, Run.nonfinite_origin).where(Run.id == bindparam("id")).with_for_update()
-_LOCK_MEMORY = (
-    select(RuleState.data)
-    .where(RuleState.run_id == bindparam("r_id"), RuleState.rank == bindparam("r_rank"))
-    .with_for_update()
-)
+_MEMORY = select(RuleState.data).where(RuleState.run_id == bindparam("r_id"), RuleState.rank == bindparam("r_rank"))
 _SAVE_MEMORY = (
     update(RuleState)
     .where(RuleState.run_id == bindparam("r_id"), RuleState.rank == bindparam("r_rank"))
@@ -151,7 +147,7 @@ class Alerting:
         queued: list[OutboxRow] = []
         conn = s.connection()
         config, origin = conn.execute(_LOCK_RUN, {"id": res.run_id}).one()
-        mem = self._lock_memory(conn, res.run_id, batch.rank, now)
+        mem = self._memory(conn, res.run_id, batch.rank, now)
         rules = self.rules_for(batch.run.project, config or batch.run.config)
         alerts = store.load(conn, res.run_id)
         last = mem.get("last_step", -1)
@@ -194,16 +190,17 @@ class Alerting:
                 logging.getLogger("layerwatch_server.rules").exception("alert listener %r failed", listener)
 
     @staticmethod
-    def _lock_memory(conn: Connection, run_id: str, rank: int, now: dt.datetime) -> dict[str, Any]:
-        """The rank's evaluation memory, its row locked for this transaction (a fresh copy: JSON decoded)."""
+    def _memory(conn: Connection, run_id: str, rank: int, now: dt.datetime) -> dict[str, Any]:
+        """The rank's evaluation memory (a fresh copy: JSON decoded). No lock of its own: only an evaluation
+        writes it, and evaluations of a run hold the run row's lock."""
         key = {"r_id": run_id, "r_rank": rank}
-        row = conn.execute(_LOCK_MEMORY, key).first()
-        if row is None:  # first batch of this rank (or another replica is creating the row right now)
+        row = conn.execute(_MEMORY, key).first()
+        if row is None:  # first batch of this rank
             insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
             conn.execute(
                 insert(RuleState).values(run_id=run_id, rank=rank, data={}, updated_at=now).on_conflict_do_nothing()
             )
-            row = conn.execute(_LOCK_MEMORY, key).one()
+            row = conn.execute(_MEMORY, key).one()
         return row[0] or {}
 
     # -- schedule ------------------------------------------------------------------------------------------

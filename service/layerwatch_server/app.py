@@ -44,7 +44,7 @@ def build_state(settings: Settings, engine: Engine | None = None) -> AppState:
         tokens=TokenCache(engine, settings.token_cache_s),
         admission=Admission(settings.max_inflight),
         heads=head_revisions(settings.db_url),
-        ingest_limiter=CapacityLimiter(2 if engine.dialect.name == "sqlite" else settings.pool_size),
+        ingest_limiter=CapacityLimiter(2 if engine.dialect.name == "sqlite" else min(3, settings.pool_size)),
         extras={
             "ingest_hooks": [telemetry.ingest_hook],
             "rule_hooks": [],

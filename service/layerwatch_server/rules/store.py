@@ -14,18 +14,20 @@ import operator
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import Connection, Update, bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select
+from sqlalchemy.engine import Dialect
 
 from layerwatch_server.storage.models import AlertRow
 
 _TABLE = AlertRow.__table__
 COLUMNS = tuple(c.name for c in _TABLE.columns)
-# What the lifecycle (and the outbox's notified_at) may change; the rest names the alert.
-MUTABLE = tuple(c for c in COLUMNS if c not in ("id", "run_id", "project", "rule", "layer_key"))
+# What the lifecycle (and the outbox's notified_at) may change; the rest names the alert (and evidence is
+# written by nobody on this path).
+MUTABLE = tuple(c for c in COLUMNS if c not in ("id", "run_id", "project", "rule", "layer_key", "evidence"))
 _MUTABLE_OF = operator.itemgetter(*(COLUMNS.index(name) for name in MUTABLE))
 _LOAD = select(_TABLE).where(_TABLE.c.run_id == bindparam("run_id"))
 _INSERT = insert(_TABLE)
-_UPDATES: dict[tuple[str, ...], Update] = {}
+_UPDATES: dict[tuple[str, tuple[str, ...]], tuple[str, tuple[Any, ...]]] = {}
 
 
 class AlertRecord:
@@ -64,24 +66,31 @@ def save(conn: Connection, alerts: Iterable[AlertRecord]) -> None:
     records are spent afterwards (``loaded`` is not brought up to date): load again for the next batch."""
     records = list(alerts)
     new: list[dict[str, Any]] = []
-    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, ...], list[AlertRecord]] = {}
     for rec in records:
         if rec.loaded is None:
             new.append({name: getattr(rec, name) for name in COLUMNS})
         elif changed := rec.changed():
-            params = {f"b_{name}": getattr(rec, name) for name in changed}
-            params["b_id"] = rec.id
-            groups.setdefault(changed, []).append(params)
+            groups.setdefault(changed, []).append(rec)
     if new:
         conn.execute(_INSERT, new)
-    for changed, params in groups.items():
-        conn.execute(_update(changed), params)
+    for changed, recs in groups.items():
+        sql, processors = _update(conn.dialect, changed)
+        rows = []
+        for rec in recs:
+            values = [getattr(rec, name) for name in changed]
+            rows.append((*(v if p is None else p(v) for p, v in zip(processors, values, strict=True)), rec.id))
+        conn.exec_driver_sql(sql, rows)
 
 
-def _update(changed: tuple[str, ...]) -> Update:
-    stmt = _UPDATES.get(changed)
-    if stmt is None:
-        # Bound names differ from column names: SQLAlchemy reserves the latter for its own SET parameters.
-        values = {name: bindparam(f"b_{name}", type_=_TABLE.c[name].type) for name in changed}
-        stmt = _UPDATES[changed] = update(_TABLE).where(_TABLE.c.id == bindparam("b_id")).values(values)
-    return stmt
+def _update(dialect: Dialect, changed: tuple[str, ...]) -> tuple[str, tuple[Any, ...]]:
+    """UPDATE .. SET the changed columns WHERE id, as driver SQL with the columns' own bind processors:
+    Core's per-row parameter handling cost three times the database's work for these rows."""
+    key = (dialect.name, changed)
+    hit = _UPDATES.get(key)
+    if hit is None:
+        mark, quote = ("?" if dialect.paramstyle == "qmark" else "%s"), dialect.identifier_preparer.quote
+        sets = ", ".join(f"{quote(name)} = {mark}" for name in changed)
+        processors = tuple(_TABLE.c[name].type.bind_processor(dialect) for name in changed)
+        hit = _UPDATES[key] = (f"UPDATE {_TABLE.name} SET {sets} WHERE id = {mark}", processors)
+    return hit

@@ -31,7 +31,11 @@ log = logging.getLogger("layerwatch_server")
 
 
 def build_state(settings: Settings, engine: Engine | None = None) -> AppState:
-    engine = engine or make_engine(settings.db_url, timeout_s=settings.db_timeout_s, pool_size=settings.pool_size)
+    """``engine`` None: the state's own, and on SQLite :func:`create_app` runs its WAL checkpoints (a
+    :class:`Checkpointer`), so ingest commits never copy the WAL into the database file themselves."""
+    engine = engine or make_engine(
+        settings.db_url, timeout_s=settings.db_timeout_s, pool_size=settings.pool_size, background_checkpoint=True
+    )
     telemetry = Telemetry.from_settings(settings)
     state = AppState(
         settings=settings,
@@ -40,7 +44,7 @@ def build_state(settings: Settings, engine: Engine | None = None) -> AppState:
         tokens=TokenCache(engine, settings.token_cache_s),
         admission=Admission(settings.max_inflight),
         heads=head_revisions(settings.db_url),
-        ingest_limiter=CapacityLimiter(2 if engine.dialect.name == "sqlite" else settings.pool_size),
+        ingest_limiter=CapacityLimiter(2 if engine.dialect.name == "sqlite" else min(3, settings.pool_size)),
         extras={
             "ingest_hooks": [telemetry.ingest_hook],
             "rule_hooks": [],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 from typing import Any
@@ -91,8 +92,16 @@ def serve(**flags: Any) -> None:
         settings.host,
         settings.port,
     )
+    app = create_app(settings)
+    # What start-up imported and built lives as long as the process: freeze it out of the cyclic collector,
+    # whose full passes otherwise walk all of it every few hundred batches (~60 ms each, ~1 ms a batch).
+    # A batch's thousands of short-lived lists die by reference count; collecting the young generation
+    # every 10,000 allocations instead of 700 stops walking them while they are still in use (measured
+    # with gc.callbacks at 8 clients: 0.34 s -> 0.13 s of collection per ~600 batches).
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),

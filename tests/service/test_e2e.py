@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from layerwatch_server.storage.engine import make_engine
 from layerwatch_server.storage.migrations import upgrade
-from layerwatch_server.storage.models import JobTick, layer_stats, step_stats
+from layerwatch_server.storage.models import JobTick, RuleState, layer_stats, step_stats
 
 from .batches import make_batch, post, unique
 from .dbs import fresh_pg_database
@@ -154,6 +154,11 @@ def test_two_replicas_ingest_concurrently_and_share_the_scheduler(tmp_path):
             assert conn.scalar(select(func.count()).select_from(step_stats)) == 8 * 200
             assert conn.scalar(select(func.count()).select_from(layer_stats)) == 8 * 200 * 5
             ticks = conn.execute(select(JobTick.job, JobTick.tick, JobTick.replica)).all()
+            # rules ran inside each batch's transaction on both replicas: every rank's memory saw its last step
+            memory = conn.execute(select(RuleState.rank, RuleState.data)).all()
+        assert sorted((rank, data["last_step"]) for rank, data in memory) == [(r, 199) for r in range(8)]
+        for log in logs:  # and no evaluation failed (rolled back to its savepoint) on either replica
+            assert "in-transaction ingest hook" not in log.read_text()
         engine.dispose()
     ran: dict[tuple[str, int], list[str]] = {}
     for log in logs:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
@@ -21,3 +24,20 @@ def test_models_match_migrations(engine, db_url):
 def test_series_query_is_indexed(engine):
     pk = inspect(engine).get_pk_constraint("layer_stats")["constrained_columns"]
     assert pk == ["run_id", "layer_id", "rank", "step"]
+
+
+def test_wheel_lists_every_package_and_ships_the_migrations():
+    """pyproject.toml lists packages by hand (alembic/ ships as layerwatch_server.migrations): a new
+    package on disk must be added there, or the wheel would leave it out."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    root = Path(__file__).resolve().parents[2]
+    tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    on_disk = {
+        ".".join(p.parent.relative_to(base).parts)
+        for base in (root / "client", root / "service")
+        for p in base.rglob("__init__.py")
+    }
+    shipped = set(tool["packages"])
+    assert on_disk | {"layerwatch_server.migrations", "layerwatch_server.migrations.versions"} == shipped
+    assert tool["package-dir"]["layerwatch_server.migrations"] == "alembic"
+    assert (root / "alembic" / "env.py").is_file() and any((root / "alembic" / "versions").glob("0001_*.py"))

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from fastapi.testclient import TestClient
+from sqlalchemy import func, select
 
 from layerwatch_server.app import create_app
 from layerwatch_server.core.config import Settings
+from layerwatch_server.storage.base import utcnow
+from layerwatch_server.storage.models import RuleDef
 
 from .batches import make_batch, post
-from .test_ingest import total_rows
+from .test_ingest import count_rows, total_rows
 
 
 def test_overload_answers_429(engine, db_url):
@@ -63,3 +66,23 @@ def test_failing_ingest_hook_does_not_fail_a_committed_batch(engine, db_url):
         resp = post(client, make_batch("hooked", project="phook"))
     assert resp.status_code == 202
     assert resp.json()["alerts"] == [{"rule": "demo", "run": resp.json()["run_id"]}]
+
+
+def test_failing_rule_evaluation_rolls_back_to_its_savepoint_and_keeps_the_batch(engine, db_url):
+    """Rules run inside the batch's transaction: a failure there undoes only what the rules wrote."""
+    app = create_app(Settings(db_url=db_url, no_auth=True, scheduler=False), engine)
+    name = "written-then-failed"
+
+    def broken(conn, batch, res):
+        conn.execute(RuleDef.__table__.insert().values(name=name, spec={}, updated_at=utcnow()))
+        raise RuntimeError("rule bug")
+
+    ingestor = app.state.lw.ingestor
+    ingestor.in_transaction["alerting"] = broken  # in place of the real evaluation
+    with TestClient(app) as client:
+        resp = post(client, make_batch("savepoint", project="psave"))
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["accepted"]["steps"] == 10 and resp.json()["alerts"] == []
+    assert count_rows(engine, resp.json()["run_id"]) == (10, 40, 40)  # the batch is stored ...
+    with engine.connect() as conn:  # ... and what the failed hook wrote is not
+        assert conn.scalar(select(func.count()).select_from(RuleDef).where(RuleDef.name == name)) == 0

@@ -13,6 +13,7 @@ def install(state: Any) -> None:
 
     alerting = Alerting(state.engine, load_alerting(state.settings.rules_file))
     state.extras["alerting"] = alerting
+    alerting.attach(state.ingestor)  # evaluated inside each batch's transaction; on_ingest finishes after it
     state.extras.setdefault("ingest_hooks", []).append(alerting.on_ingest)
     state.extras.setdefault("rule_hooks", []).append(alerting.tick)
     state.extras.setdefault("startup", []).append(alerting.sender.start)

@@ -58,10 +58,13 @@ class Lifecycle:
         counters: dict[str, int],
         on_transition: Transition,
         now: dt.datetime,
+        new_row: Callable[..., AlertRow] = AlertRow,
     ) -> None:
+        """``new_row`` makes the row of a new alert (``AlertRow`` or ``rules.store.AlertRecord``, which the
+        ingest path writes itself)."""
         self.run_id, self.project, self.rank = run_id, project, rank
         self.alerts, self.counters = alerts, counters
-        self.on_transition, self.now = on_transition, now
+        self.on_transition, self.now, self.new_row = on_transition, now, new_row
         self.new: list[AlertRow] = []
 
     def apply(self, obs: Obs, rule: Rule, step: int | None) -> None:
@@ -92,7 +95,7 @@ class Lifecycle:
 
     def _open(self, row: AlertRow | None, obs: Obs, rule: Rule, step: int | None) -> AlertRow:
         if row is None:
-            row = AlertRow(
+            row = self.new_row(
                 id=secrets.token_hex(6),
                 run_id=self.run_id,
                 project=self.project,

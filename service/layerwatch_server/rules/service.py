@@ -1,37 +1,67 @@
 """Alerting wired into the collector: rules evaluated on ingest, time-based rules on the scheduler.
 
-Evaluation runs in the ingest request, right after the batch commits, in its own transaction: the rank's
-memory row is locked first (a write, so SQLite takes its writer lock up front; FOR UPDATE on
-PostgreSQL), so replicas ingesting the same run take turns and agree on counters and alert states.
-Alert changes and their outbox rows commit together; the sender is woken after the commit.
+Evaluation runs inside the batch's own transaction (:meth:`Alerting.evaluate`, under a savepoint the
+ingestor holds, so one commit covers rows, alerts and memory); :meth:`Alerting.on_ingest` runs after the
+commit. On PostgreSQL the run's row is locked first (FOR UPDATE; SQLite has one writer), so the ranks and
+replicas ingesting a run take turns on its alerts and agree on their states, and every writer of a run's
+alerts locks in one order (the run, then its alerts; the scheduler's tick does the same): no deadlocks.
+The rank's memory row is only ever written under that lock. Alert changes and their outbox rows commit with
+the batch; the sender is woken after the commit.
 """
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
+import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import JSON, Connection, Engine, bindparam, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from layerwatch_server.core.batch import Batch
 from layerwatch_server.notify.outbox import enqueue
 from layerwatch_server.notify.sender import Sender
+from layerwatch_server.rules import store
 from layerwatch_server.rules.config import AlertingConfig
 from layerwatch_server.rules.evaluate import Obs, evaluate_step, needs_detail, view
 from layerwatch_server.rules.lifecycle import OPEN, Lifecycle, alert_dict
 from layerwatch_server.rules.spec import Rule, merge
-from layerwatch_server.storage.base import finite_json, utcnow
-from layerwatch_server.storage.ingest import IngestResult
+from layerwatch_server.storage.base import UTCDateTime, finite_json, utcnow
+from layerwatch_server.storage.ingest import Ingestor, IngestResult
 from layerwatch_server.storage.models import AlertRow, OutboxRow, Project, RuleDef, RuleState, Run
 
 Clock = Callable[[], dt.datetime]
+HOOK = "alerting"  # the name of the in-transaction hook, and of what it stages on IngestResult
+
+# Built once: Core statements built per batch cost more to compile-cache than to run.
+_LOCK_RUN = select(Run.config, Run.nonfinite_origin).where(Run.id == bindparam("id")).with_for_update()
+_MEMORY = select(RuleState.data).where(RuleState.run_id == bindparam("r_id"), RuleState.rank == bindparam("r_rank"))
+_SAVE_MEMORY = (
+    update(RuleState)
+    .where(RuleState.run_id == bindparam("r_id"), RuleState.rank == bindparam("r_rank"))
+    .values(data=bindparam("r_data", type_=JSON(none_as_null=True)), updated_at=bindparam("r_now", type_=UTCDateTime()))
+)
+
+
+@dataclass
+class Staged:
+    """What an evaluation leaves for after the commit."""
+
+    current: list[dict[str, Any]]  # the run's alerts, JSON-safe: open ones and those resolved a moment ago
+    queued: list[OutboxRow]  # notifications to hand to the sender
+
+
+def _json_safe(alert: dict[str, Any]) -> dict[str, Any]:
+    """``alert_dict`` output made JSON-safe: value and threshold are its only floats."""
+    alert["value"], alert["threshold"] = finite_json(alert["value"]), finite_json(alert["threshold"])
+    return alert
 
 
 def run_overrides(config: dict[str, Any] | None) -> dict[str, Any]:
@@ -48,6 +78,9 @@ class Alerting:
         # Called with (run_id, the run's current alerts) after each evaluation: the Prometheus snapshot.
         self.listeners: list[Callable[[str, list[dict[str, Any]]], None]] = []
         self._db_rules: tuple[float, dict[str, dict[str, Any]]] = (-1e18, {})
+        self._merged: OrderedDict[tuple[str, str], tuple[AlertingConfig, dict[str, Any], dict[str, Rule]]] = (
+            OrderedDict()
+        )
         self._lock = threading.Lock()
 
     # -- rules --------------------------------------------------------------------------------------------
@@ -64,58 +97,90 @@ class Alerting:
         self._db_rules = (-1e18, {})
 
     def rules_for(self, project: str, run_config: dict[str, Any] | None) -> dict[str, Rule]:
-        levels = [self.cfg.rules, self.db_rules(), self.cfg.projects.get(project, {}), run_overrides(run_config)]
-        return merge(levels, project)
+        """The effective rules of a run. Merged (every rule validated) once per project, run overrides, rules
+        file and re-read of the API rules, not per batch; the result is shared: read it, do not change it."""
+        cfg, db, overrides = self.cfg, self.db_rules(), run_overrides(run_config)
+        key = (project, json.dumps(overrides, sort_keys=True, default=str))
+        with self._lock:
+            hit = self._merged.get(key)
+        if hit is not None and hit[0] is cfg and hit[1] is db:
+            return hit[2]
+        rules = merge([cfg.rules, db, cfg.projects.get(project, {}), overrides], project)
+        with self._lock:
+            self._merged[key] = (cfg, db, rules)
+            self._merged.move_to_end(key)
+            while len(self._merged) > 256:
+                self._merged.popitem(last=False)
+        return rules
 
     # -- ingest ---------------------------------------------------------------------------------------------
+    def attach(self, ingestor: Ingestor) -> None:
+        """Evaluate inside each batch's transaction (one commit per batch); :meth:`on_ingest` finishes after it."""
+        ingestor.in_transaction[HOOK] = self.evaluate
+
+    def evaluate(self, conn: Connection, batch: Batch, res: IngestResult) -> Staged:
+        """The in-transaction hook: rules on the batch, alert and outbox rows written on ``conn`` (the ingestor
+        holds a savepoint around this, so a failure here costs the batch's alerts, never the batch)."""
+        with Session(bind=conn, join_transaction_mode="rollback_only", expire_on_commit=False) as s:
+            staged = self._evaluate(s, batch, res)
+            s.flush()
+        return staged
+
     def on_ingest(self, batch: Batch, res: IngestResult) -> list[dict[str, Any]]:
+        """The ingest hook, after the commit: hand queued notifications to the sender, tell the listeners, and
+        return the run's current alerts (the 202 answer carries them). When this object is not attached to the
+        ingestor, the rules are evaluated here first, in a transaction of their own."""
+        if HOOK in res.staged:
+            staged = res.staged[HOOK]
+            if staged is None:  # evaluation failed and was rolled back (logged by the ingestor)
+                return []
+        else:
+            with Session(self.engine, expire_on_commit=False) as s, s.begin():
+                staged = self._evaluate(s, batch, res)
+        if staged.queued:
+            self.sender.hand(staged.queued)
+        self._tell(res.run_id, staged.current)
+        return staged.current
+
+    def _evaluate(self, s: Session, batch: Batch, res: IngestResult) -> Staged:
         now = self.clock()
         queued: list[OutboxRow] = []
-        with Session(self.engine, expire_on_commit=False) as s, s.begin():
-            mem_row = self._lock_memory(s, res.run_id, batch.rank, now)
-            mem = copy.deepcopy(mem_row.data or {})
-            run = s.get(Run, res.run_id)
-            assert run is not None
-            rules = self.rules_for(batch.run.project, run.config or batch.run.config)
-            alerts = {(a.rule, a.layer_key): a for a in s.scalars(select(AlertRow).where(AlertRow.run_id == run.id))}
-            last = mem.get("last_step", -1)
-            steps = [x for x in batch.steps if x.step > last]
+        conn = s.connection()
+        config, origin = conn.execute(_LOCK_RUN, {"id": res.run_id}).one()
+        mem = self._memory(conn, res.run_id, batch.rank, now)
+        rules = self.rules_for(batch.run.project, config or batch.run.config)
+        alerts = store.load(conn, res.run_id)
+        last = mem.get("last_step", -1)
+        steps = [x for x in batch.steps if x.step > last]
 
-            def transition(row: AlertRow, status: str, obs: Obs | None) -> None:
-                s.add(row)
-                queued.extend(enqueue(s, self.cfg, row, status, obs, now))
+        def transition(row: AlertRow, status: str, obs: Obs | None) -> None:
+            queued.extend(enqueue(s, self.cfg, row, status, obs, now))
 
-            lc = Lifecycle(
-                run.id, batch.run.project, batch.rank, alerts, mem.setdefault("counters", {}), transition, now
-            )
-            ordered = sorted(steps, key=lambda x: x.step)
-            for i, step in enumerate(ordered):
-                # A report is the batch's last step, or any step closing a dead-unit window; other steps only
-                # need their layers when something in them is non-finite.
-                window_end, bad = needs_detail(batch, step)
-                report = i == len(ordered) - 1 or window_end
-                v = view(batch, step, detailed=report or bad)
-                for obs in evaluate_step(rules, v, mem, run.nonfinite_origin, report):
-                    lc.apply(obs, rules[obs.rule], v.step)
-            stalled = alerts.get(("stalled", ""))
-            if steps and stalled is not None and stalled.state in OPEN:
-                lc.resolve(stalled, None, max(x.step for x in steps), "the run is sending data again")
-            if steps:
-                mem["last_step"] = max(last, *(x.step for x in steps))
-            s.add_all(lc.new)
-            mem_row.data, mem_row.updated_at = mem, now
-        if queued:
-            self.sender.hand(queued)
+        counters = mem.setdefault("counters", {})
+        lc = Lifecycle(res.run_id, batch.run.project, batch.rank, alerts, counters, transition, now, store.AlertRecord)
+        ordered = sorted(steps, key=lambda x: x.step)
+        for i, step in enumerate(ordered):
+            # A report is the batch's last step, or any step closing a dead-unit window; other steps only
+            # need their layers when something in them is non-finite.
+            window_end, bad = needs_detail(batch, step)
+            report = i == len(ordered) - 1 or window_end
+            v = view(batch, step, detailed=report or bad)
+            for obs in evaluate_step(rules, v, mem, origin, report):
+                lc.apply(obs, rules[obs.rule], v.step)
+        stalled = alerts.get(("stalled", ""))
+        if steps and stalled is not None and stalled.state in OPEN:
+            lc.resolve(stalled, None, max(x.step for x in steps), "the run is sending data again")
+        if steps:
+            mem["last_step"] = max(last, *(x.step for x in steps))
+        store.save(conn, alerts.values())
+        conn.execute(_SAVE_MEMORY, {"r_id": res.run_id, "r_rank": batch.rank, "r_data": mem, "r_now": now})
         keep = dt.timedelta(seconds=self.cfg.notify.resolved_visible_s)
-        current = finite_json(
-            [
-                alert_dict(a)
-                for a in alerts.values()
-                if a.state in OPEN or (a.resolved_at and now - a.resolved_at < keep)
-            ]
-        )
-        self._tell(res.run_id, current)
-        return current
+        current = [
+            _json_safe(alert_dict(a))
+            for a in alerts.values()
+            if a.state in OPEN or (a.resolved_at and now - a.resolved_at < keep)
+        ]
+        return Staged(current, queued)
 
     def _tell(self, run_id: str, alerts: list[dict[str, Any]]) -> None:
         for listener in self.listeners:
@@ -124,11 +189,19 @@ class Alerting:
             except Exception:  # an observer must not fail an ingest or a tick
                 logging.getLogger("layerwatch_server.rules").exception("alert listener %r failed", listener)
 
-    def _lock_memory(self, s: Session, run_id: str, rank: int, now: dt.datetime) -> RuleState:
-        insert = postgresql.insert if s.bind.dialect.name == "postgresql" else sqlite.insert  # type: ignore[union-attr]
-        s.execute(insert(RuleState).values(run_id=run_id, rank=rank, data={}, updated_at=now).on_conflict_do_nothing())
-        q = select(RuleState).where(RuleState.run_id == run_id, RuleState.rank == rank).with_for_update()
-        return s.scalars(q).one()
+    @staticmethod
+    def _memory(conn: Connection, run_id: str, rank: int, now: dt.datetime) -> dict[str, Any]:
+        """The rank's evaluation memory (a fresh copy: JSON decoded). No lock of its own: only an evaluation
+        writes it, and evaluations of a run hold the run row's lock."""
+        key = {"r_id": run_id, "r_rank": rank}
+        row = conn.execute(_MEMORY, key).first()
+        if row is None:  # first batch of this rank
+            insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+            conn.execute(
+                insert(RuleState).values(run_id=run_id, rank=rank, data={}, updated_at=now).on_conflict_do_nothing()
+            )
+            row = conn.execute(_MEMORY, key).one()
+        return row[0] or {}
 
     # -- schedule ------------------------------------------------------------------------------------------
     def tick(self, engine: Engine, now_s: float | None = None) -> None:
@@ -147,6 +220,15 @@ class Alerting:
                 idle = (now - run.last_seen).total_seconds()
                 if idle < rule.threshold:
                     continue
+                # The run row first, as ingest locks it (then the run's alerts); nothing changed when data came
+                # in since it was read.
+                stalled = s.execute(
+                    update(Run)
+                    .where(Run.id == run.id, Run.status == "running", Run.last_seen == run.last_seen)
+                    .values(status="stalled")
+                )
+                if stalled.rowcount == 0:
+                    continue
                 alerts = {
                     (a.rule, a.layer_key): a for a in s.scalars(select(AlertRow).where(AlertRow.run_id == run.id))
                 }
@@ -163,7 +245,6 @@ class Alerting:
                     run.last_step,
                 )
                 s.add_all(lc.new)
-                s.execute(update(Run).where(Run.id == run.id, Run.status == "running").values(status="stalled"))
                 stalled_runs.append((run.id, [alert_dict(a) for a in (*alerts.values(), *lc.new)]))
             due = now - dt.timedelta(seconds=self.cfg.notify.renotify_s)
             for a in s.scalars(select(AlertRow).where(AlertRow.state == "firing", AlertRow.notified_at < due)):

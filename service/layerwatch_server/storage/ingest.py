@@ -4,15 +4,23 @@ Steps are *claimed* first with INSERT .. ON CONFLICT DO NOTHING RETURNING step: 
 transaction inserted get layer/param rows, so a re-sent step is skipped entirely, and on PostgreSQL two
 replicas racing on the same step serialise on its unique key (the loser sees it as a duplicate).
 Layer and parameter rows then go in with executemany (SQLite) or COPY (PostgreSQL).
+
+Hooks registered in ``Ingestor.in_transaction`` (alert rules) run inside the same transaction, each under a
+savepoint: one commit per batch, and a hook that fails rolls back to its savepoint and never the batch.
+They run before the run row is updated, so on PostgreSQL that row's lock (which every rank of a run
+takes) is held only for the last statement before the commit.
 """
 
 from __future__ import annotations
 
+import logging
 import operator
 import secrets
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 from sqlalchemy import BigInteger, Connection, Engine, String, Table, bindparam, select, text, update
@@ -32,6 +40,7 @@ from layerwatch_server.storage.models import (
 
 _CLAIM_CHUNK = 1000  # rows per multi-VALUES claim (SQLite caps bound parameters)
 _SERIES_ID = operator.itemgetter(1)
+log = logging.getLogger("layerwatch_server.storage")
 
 
 class StoreBusy(Exception):
@@ -45,6 +54,12 @@ class IngestResult:
     duplicates: int
     layer_rows: int
     param_rows: int
+    # What each in-transaction hook returned, by its name; None where it failed (rolled back, logged).
+    staged: dict[str, Any] = field(default_factory=dict)
+
+
+# (connection in the batch's transaction, batch, result so far) -> what to hand over after the commit
+InTransaction = Callable[[Connection, Batch, IngestResult], Any]
 
 
 def _insert(conn: Connection, table: Any) -> Any:
@@ -74,6 +89,7 @@ class Ingestor:
         self._cache_lock = threading.Lock()
         self._runs: _LRU = _LRU(cache_runs)  # (project, key) -> run id
         self._series: _LRU = _LRU(cache_runs * 2)  # (run id, "layer"|"param") -> {name: db id}
+        self.in_transaction: dict[str, InTransaction] = {}
 
     def write(self, batch: Batch) -> IngestResult:
         if self.pg:
@@ -94,11 +110,24 @@ class Ingestor:
             param_ids = self._series_ids(conn, run_id, "param", batch.params, learned)
             n_layer = self._bulk(conn, layer_stats, "layer_id", run_id, batch, new_steps, layer_ids, "layers")
             n_param = self._bulk(conn, param_stats, "param_id", run_id, batch, new_steps, param_ids, "params")
+            res = IngestResult(run_id, len(new_steps), len(batch.steps) - len(new_steps), n_layer, n_param)
+            self._first_wins(conn, run_id, batch)
+            for name, hook in self.in_transaction.items():
+                res.staged[name] = self._guarded(conn, name, hook, batch, res)
             self._touch(conn, run_id, batch, new_steps)
         with self._cache_lock:  # only after commit: a rolled-back id must never be cached
             for cache, key, value in learned:
                 cache.put(key, value)
-        return IngestResult(run_id, len(new_steps), len(batch.steps) - len(new_steps), n_layer, n_param)
+        return res
+
+    @staticmethod
+    def _guarded(conn: Connection, name: str, hook: InTransaction, batch: Batch, res: IngestResult) -> Any:
+        try:
+            with conn.begin_nested():
+                return hook(conn, batch, res)
+        except Exception:  # the batch's rows stay: only the hook's own writes are rolled back
+            log.exception("in-transaction ingest hook %r failed; the batch is stored without it", name)
+            return None
 
     def _run_id(self, conn: Connection, batch: Batch, learned: list[tuple[_LRU, Any, Any]]) -> str:
         key = (batch.run.project, batch.run.key)
@@ -199,18 +228,18 @@ class Ingestor:
         names = batch.layer_stats if attr == "layers" else batch.param_stats
         cols = ", ".join(["run_id", id_col, "rank", "step", *names])
         rank = batch.rank
-        if self.pg:
-            rows = [
-                (run_id, ids[int(r[0])], rank, step, *r[1:]) for step, s in new_steps.items() for r in getattr(s, attr)
-            ]
-        else:
-            rows = [
-                (run_id, ids[int(r[0])], rank, step, *[("NaN" if v != v else v) for v in r[1:]])
-                for step, s in new_steps.items()
-                for r in getattr(s, attr)
-            ]
+        # r[0] is a float that equals an int (the batch check made sure), so it finds the int key as it is
+        rows = [(run_id, ids[r[0]], rank, step, *r[1:]) for step, s in new_steps.items() for r in getattr(s, attr)]
         if not rows:
             return 0
+        # SQLite would store a bound NaN as NULL: NaN goes in as text (see storage.base). The sum of every
+        # value, in C, is NaN when one is (or when +Inf meets -Inf); only then is each value looked at.
+        if not self.pg:
+            total = sum(
+                filter(None, chain.from_iterable(chain.from_iterable(getattr(s, attr) for s in new_steps.values())))
+            )
+            if total != total:
+                rows = [tuple("NaN" if v != v else v for v in row) for row in rows]
         # In primary-key order (series, then step; the sort is stable and steps are sorted): each B-tree
         # leaf is visited once per batch instead of once per step, ~25% less insert work on SQLite.
         rows.sort(key=_SERIES_ID)
@@ -225,7 +254,8 @@ class Ingestor:
         return len(rows)
 
     def _touch(self, conn: Connection, run_id: str, batch: Batch, new_steps: dict[int, Any]) -> None:
-        """Per-rank and per-run bookkeeping; the run row is updated last to keep its lock short."""
+        """Per-rank and per-run bookkeeping, last: every rank of a run updates the run row, so its lock is held
+        from here to the commit only."""
         now = utcnow()
         conn.execute(
             _UPSERT_RANK,
@@ -243,7 +273,10 @@ class Ingestor:
         lo, hi = (min(new_steps), max(new_steps)) if new_steps else (None, None)
         end = batch.end.status if batch.end is not None else None
         conn.execute(_TOUCH_RUN, {"id": run_id, "now": now, "lo": lo, "hi": hi, "end": end})
-        # First value wins: a run's config and its first non-finite origin do not change afterwards.
+
+    def _first_wins(self, conn: Connection, run_id: str, batch: Batch) -> None:
+        """A run's config and its first non-finite origin do not change once set. Before the hooks, which read
+        them; an UPDATE whose WHERE no longer matches takes no row lock, so this costs no waiting later."""
         if batch.run.config is not None:
             conn.execute(update(Run).where(Run.id == run_id, Run.config.is_(None)).values(config=batch.run.config))
         if batch.nonfinite_origin is not None:

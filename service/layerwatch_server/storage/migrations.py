@@ -11,12 +11,16 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, inspect
 
-# alembic/ lives at the repository root (next to alembic.ini); LAYERWATCH_ALEMBIC_DIR overrides it.
-_ROOT = Path(__file__).resolve().parents[3]
+# alembic/ lives at the repository root (next to alembic.ini); a wheel carries it as layerwatch_server/migrations
+# (see pyproject.toml). LAYERWATCH_ALEMBIC_DIR overrides both.
+_PACKAGED = Path(__file__).resolve().parents[1] / "migrations"
+_CHECKOUT = Path(__file__).resolve().parents[3] / "alembic"
 
 
 def alembic_dir() -> Path:
-    return Path(os.environ.get("LAYERWATCH_ALEMBIC_DIR", _ROOT / "alembic"))
+    if os.environ.get("LAYERWATCH_ALEMBIC_DIR"):
+        return Path(os.environ["LAYERWATCH_ALEMBIC_DIR"])
+    return _PACKAGED if (_PACKAGED / "env.py").is_file() else _CHECKOUT
 
 
 def alembic_config(db_url: str) -> Config:

@@ -127,11 +127,15 @@ class Job:
             "end": None,
             "dropped": {"reports": 0, "batches": 0},
         }
-        # What the client sends for a healthy ReLU-family layer: dead_frac only at the window's last step,
-        # no sat_frac (unbounded), no NaN/Inf.
+        # What the client sends for a healthy ReLU-family layer: dead_frac only at the window's last step and
+        # low (a few units dead), the same on every rank (the client reduces it across ranks), no sat_frac
+        # (unbounded), no NaN/Inf. The other statistics differ per rank.
+        shared = random.Random(run_key)
         made = {"sat_frac": None, "nonfinite": 0.0}
         self.values = [[i, *(made.get(s, rnd.random()) for s in wire.LAYER_STATS)] for i in range(layers)]
         dead = wire.LAYER_STATS.index("dead_frac") + 1
+        for row in self.values:
+            row[dead] = shared.random() * 0.1
         self.mid_window = [[*row[:dead], None, *row[dead + 1 :]] for row in self.values]
 
     def batch(self) -> tuple[bytes, list[dict]]:

@@ -104,9 +104,10 @@ class Recorder:
             if tensor is None or not tensor.is_floating_point() or tensor.numel() == 0:
                 return
             try:
+                source = None
                 if spec.activation and inputs and self._last is not None:
-                    self._note_input(inputs[0])
-                layer = self._record(module, spec, tensor.detach())
+                    source = self._note_input(inputs[0])
+                layer = self._record(module, spec, tensor.detach(), source)
                 self._last = (weakref.ref(tensor), layer)
             except Exception:  # never let the monitor break the forward pass
                 self.failed = True
@@ -114,15 +115,20 @@ class Recorder:
 
         return hook
 
-    def _note_input(self, source: object) -> None:
-        """An activation module whose input is the Linear/Conv output recorded just before: that layer's
-        units are measured here, after the activation, from the next call on."""
+    def _note_input(self, source: object) -> Layer | None:
+        """The layer whose output, recorded just before, is this activation's input, or None.
+
+        A Linear/Conv output that feeds an activation module has its units measured there, after the
+        activation, from its next call on."""
         assert self._last is not None
         output, previous = self._last
-        if source is output() and not previous.spec.activation:
+        if source is not output():
+            return None
+        if not previous.spec.activation:
             previous.feeds_activation = True
+        return previous
 
-    def _record(self, module: nn.Module, spec: LayerSpec, a: torch.Tensor) -> Layer:
+    def _record(self, module: nn.Module, spec: LayerSpec, a: torch.Tensor, source: Layer | None = None) -> Layer:
         unit_dim = self._unit_dim(spec, a)
         units = a.shape[unit_dim] if a.dim() else 1
         layer = self._by_module.get(id(module), {}).get(units) or self._new_layer(module, spec, a, unit_dim)
@@ -131,6 +137,11 @@ class Recorder:
         elsewhere = a.device != layer.records[self.slot].device
         record = torch.empty(stats.RAW_WIDTH, device=a.device) if merge or elsewhere else layer.records[self.slot]
         full = not layer.feeds_activation
+        known_max = None
+        # max(relu(z)) = max(max(z), 0) for z recorded once this step (one call: its element count is ours)
+        once = source is not None and elements.get(source.index) == a.numel()
+        if once and spec.type == "ReLU" and not (merge or elsewhere) and self.eps == 0:
+            known_max = source.records[self.slot][stats.RAW_MAX].clamp(min=0)
         unit_max, unit_min = stats.activation_raw(
             a,
             layer.unit_dim,
@@ -142,6 +153,7 @@ class Recorder:
             per_unit=full,
             zeros=full,
             count_finite=self.count_nonfinite,
+            known_max=known_max,
             scratch=self._scratch,
         )
         if elsewhere:

@@ -81,6 +81,31 @@ def test_dead_channels_of_a_conv_layer(tmp_path):
     assert layers["0"]["units"] == 4 and layers["0"]["shape"] == [2, 4, 6, 6]
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_a_relu_after_a_linear_matches_torch_on_its_own_output(tmp_path, inplace):
+    # The ReLU takes its maximum from the Linear's record and its units' activity from per-unit sums:
+    # every figure must still be the ReLU output's own.
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(inplace=inplace))
+    with torch.no_grad():
+        model[0].bias[:8] = -100.0  # 8 units never active
+    seen = []
+    model[1].register_forward_hook(lambda m, i, out: seen.append(out.detach().clone()))
+    mon = offline(model, tmp_path, every=3)
+    for _ in range(3):
+        model(torch.randn(10, 6)).sum().backward()
+        mon.step()
+    mon.close()
+    rows = layer_rows(read_spool(tmp_path), "1")
+    for step, out in enumerate(seen):
+        flat = out.double().flatten()
+        assert rows[step]["act_mean"] == pytest.approx(flat.mean().item(), rel=1e-5)
+        assert rows[step]["act_std"] == pytest.approx(flat.std().item(), rel=1e-4)
+        assert rows[step]["act_max_abs"] == pytest.approx(flat.abs().max().item(), rel=1e-6)
+        assert rows[step]["zero_frac"] == pytest.approx((flat == 0).double().mean().item())
+    window = torch.stack(seen).amax(dim=(0, 1))
+    assert rows[2]["dead_frac"] == pytest.approx((window <= 0).double().mean().item()) and rows[2]["dead_frac"] >= 0.25
+
+
 def test_dead_channels_before_a_functional_relu(tmp_path):
     model = FunctionalReLU(dead_biased_conv())
     mon = offline(model, tmp_path, every=3)

@@ -93,6 +93,7 @@ class Exporter:
         steps = translate(report, values, self._weight_norms)
         if self.on_uncounted_nonfinite is not None and uncounted_nonfinite(steps):
             self.on_uncounted_nonfinite()
+            self.on_uncounted_nonfinite = None  # once: counting stays on for the rest of the run
         batch = {"v": wire.VERSION, **self.header, "seq": self._seq}
         if not self._first_batch:
             batch["run"] = {k: v for k, v in batch["run"].items() if k != "config"}

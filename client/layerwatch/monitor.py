@@ -223,9 +223,8 @@ class Monitor:
                     self._alerts[alert.id] = alert
                     self._new_alerts.append(alert)
 
-    def _count_nonfinite(self) -> None:  # exporter thread
-        if not self.recorder.count_nonfinite:
-            log.warning("layerwatch: a NaN/Inf appeared; counting non-finite values element by element from now on")
+    def _count_nonfinite(self) -> None:  # exporter thread, once
+        log.warning("layerwatch: a NaN/Inf appeared; counting non-finite values element by element from now on")
         self.recorder.count_nonfinite = True
 
     def _dispatch_alerts(self) -> None:

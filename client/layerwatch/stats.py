@@ -27,10 +27,9 @@ PARAM_WIDTH = 5
 _F32 = torch.float32
 
 
-def _count_finite(t: torch.Tensor, acc: torch.dtype = _F32, scratch: Scratch | None = None) -> torch.Tensor:
+def _count_finite(t: torch.Tensor, acc: torch.dtype = _F32, temporary: torch.Tensor | None = None) -> torch.Tensor:
     # 1 + 0*x is 1 where x is finite and NaN where it is NaN or Inf; nansum skips the NaNs.
     # (x - x + 1 is the same value but x - x with aliased inputs takes a slow path on CPU.)
-    temporary = scratch.like(t) if scratch is not None else None
     return torch.add(_constant(t, 1.0), t, alpha=0, out=temporary).nansum(dtype=acc)
 
 
@@ -65,10 +64,11 @@ class Scratch:
         if view is not None:
             return view
         buffer = self._buffers.get(t.dtype)
-        if buffer is None or buffer.numel() < t.numel() or len(self._views) > 64:
-            if buffer is None or buffer.numel() < t.numel():
-                buffer = self._buffers[t.dtype] = torch.empty(t.numel(), dtype=t.dtype)
-            self._views = {}  # views of an old buffer, or of many shapes (variable sequence lengths)
+        if buffer is None or buffer.numel() < t.numel():
+            buffer = self._buffers[t.dtype] = torch.empty(t.numel(), dtype=t.dtype)
+            self._views.clear()  # views of the old buffer
+        elif len(self._views) > 64:
+            self._views.clear()  # many shapes (variable sequence lengths): keep the cache small
         view = self._views[(t.dtype, t.shape)] = buffer.narrow(0, 0, t.numel()).view(t.shape)
         return view
 
@@ -143,8 +143,8 @@ def activation_raw(
     else:
         sumsq = torch.linalg.vector_norm(a, 2, dtype=acc).square()
     nan = _constant(a, math.nan)
-    finite = _count_finite(a, acc, scratch) if count_finite else nan
-    temporary = scratch.like(a) if scratch is not None and (zeros or sat is not None) else None
+    temporary = scratch.like(a) if scratch is not None else None
+    finite = _count_finite(a, acc, temporary) if count_finite else nan
     if not zeros:
         nonzero = nan
     elif eps > 0:
@@ -172,7 +172,7 @@ def grad_norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     On CUDA one fused multi-tensor kernel; on CPU ``_foreach_norm`` is a loop of per-tensor norms that
     measured 2x a loop of BLAS dot products, so contiguous float32 gradients take the dot (its float32 sum
     of squares reads a norm past ~1.8e19 as Inf: a gradient that large has exploded either way)."""
-    if all(g.device.type == "cpu" and g.dtype == _F32 and g.is_contiguous() for g in grads):
+    if all(g.is_cpu and g.dtype == _F32 and g.is_contiguous() for g in grads):
         flats = [g.reshape(-1) for g in grads]
         return torch.stack([torch.dot(f, f) for f in flats]).sqrt_()
     return torch.stack([t.to(_F32) for t in torch._foreach_norm(grads, 2)])

@@ -31,18 +31,26 @@ def _later(status: int, detail: str, retry_after: int) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers={"Retry-After": str(retry_after)})
 
 
+# Errors whose message is the whole answer: the exception's text, under this status.
+_PLAIN: tuple[tuple[type[Exception], int], ...] = (
+    (PayloadTooLarge, 413),
+    (UnsupportedMedia, 415),
+    (wire.WireError, 422),
+    (NotFound, 404),
+    (BadQuery, 422),
+)
+
+
+def _plain(status: int):
+    async def handler(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=status)
+
+    return handler
+
+
 def install(app: FastAPI, retry_after_s: int) -> None:
-    @app.exception_handler(PayloadTooLarge)
-    async def _too_large(_: Request, exc: PayloadTooLarge) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=413)
-
-    @app.exception_handler(UnsupportedMedia)
-    async def _media(_: Request, exc: UnsupportedMedia) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=415)
-
-    @app.exception_handler(wire.WireError)
-    async def _wire(_: Request, exc: wire.WireError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=422)
+    for exc_type, status in _PLAIN:
+        app.add_exception_handler(exc_type, _plain(status))
 
     @app.exception_handler(ValidationError)
     async def _invalid(_: Request, exc: ValidationError) -> JSONResponse:
@@ -50,14 +58,6 @@ def install(app: FastAPI, retry_after_s: int) -> None:
         first = errors[0] if errors else {"loc": (), "msg": "invalid"}
         where = ".".join(str(p) for p in first["loc"]) or "batch"
         return JSONResponse({"detail": f"{where}: {first['msg']}", "errors": errors}, status_code=422)
-
-    @app.exception_handler(NotFound)
-    async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=404)
-
-    @app.exception_handler(BadQuery)
-    async def _bad_query(_: Request, exc: BadQuery) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=422)
 
     @app.exception_handler(Overloaded)
     async def _overloaded(_: Request, exc: Overloaded) -> JSONResponse:

@@ -79,7 +79,7 @@ def serve(**flags: Any) -> None:
             migrations.upgrade(settings.db_url)
         problem = migrations.schema_problem(engine, settings.db_url)
     except Exception as exc:
-        raise click.ClickException(f"cannot open database {settings.db_url}: {exc}") from None
+        raise click.ClickException(f"cannot open database {_shown(settings.db_url)}: {exc}") from None
     finally:
         engine.dispose()
     if problem:

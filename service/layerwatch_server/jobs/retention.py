@@ -16,11 +16,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, func, select
-from sqlalchemy.dialects import postgresql, sqlite
 
 from layerwatch import wire
 from layerwatch_server.jobs.scheduler import JobFn
-from layerwatch_server.storage.base import db_float
+from layerwatch_server.storage.base import db_float, dialect_insert
 from layerwatch_server.storage.models import Layer, Param, Rollup, layer_stats, param_stats, step_stats
 
 log = logging.getLogger("layerwatch_server.jobs")
@@ -74,10 +73,9 @@ def _roll_rank(conn: Connection, run_id: str, rank: int, boundary: int, bucket: 
     rows = conn.execute(select(step_stats.c.step, *(step_stats.c[s] for s in wire.STEP_STATS)).where(*where)).all()
     rollups += _buckets(run_id, rank, "step", 0, wire.STEP_STATS, rows, bucket)
     removed = conn.execute(delete(step_stats).where(*where)).rowcount
-    insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
     for i in range(0, len(rollups), 500):
         # A step re-sent after its bucket was rolled up lands raw again; its rollup is not redone.
-        conn.execute(insert(Rollup).values(rollups[i : i + 500]).on_conflict_do_nothing())
+        conn.execute(dialect_insert(conn, Rollup).values(rollups[i : i + 500]).on_conflict_do_nothing())
     return removed
 
 

@@ -18,9 +18,8 @@ from collections.abc import Callable
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine, delete, text, update
-from sqlalchemy.dialects import postgresql, sqlite
 
-from layerwatch_server.storage.base import utcnow
+from layerwatch_server.storage.base import dialect_insert, utcnow
 from layerwatch_server.storage.models import JobTick
 
 log = logging.getLogger("layerwatch_server.jobs")
@@ -37,10 +36,9 @@ def run_once(engine: Engine, job: str, interval_s: float, fn: JobFn, *, replica:
     """Run ``fn`` if this replica wins the current tick of ``job``; True when it ran."""
     now = time.time() if now is None else now
     tick = int(now // interval_s)
-    insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
     with engine.begin() as conn:
         won = conn.execute(
-            insert(JobTick)
+            dialect_insert(conn, JobTick)
             .values(job=job, tick=tick, replica=replica, started_at=utcnow())
             .on_conflict_do_nothing()
             .returning(JobTick.tick)

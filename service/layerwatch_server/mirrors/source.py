@@ -17,8 +17,7 @@ from sqlalchemy.orm import Session
 
 from layerwatch import wire
 from layerwatch_server.mirrors.naming import SeriesDef
-from layerwatch_server.storage.base import utcnow
-from layerwatch_server.storage.ingest import _insert
+from layerwatch_server.storage.base import dialect_insert, utcnow
 from layerwatch_server.storage.models import (
     Layer,
     MlflowMirror,
@@ -196,7 +195,7 @@ def save(engine: Engine, run: RunState) -> None:
         "updated_at": utcnow(),
     }
     with engine.begin() as conn:
-        stmt = _insert(conn, MlflowMirror).values(run_id=run.id, **values)
+        stmt = dialect_insert(conn, MlflowMirror).values(run_id=run.id, **values)
         conn.execute(stmt.on_conflict_do_update(index_elements=["run_id"], set_=values))
 
 

@@ -47,10 +47,6 @@ class StepView:
     dead_judged: set[str] | None = None
 
 
-def views(batch: Batch, steps: list[StepIn]) -> list[StepView]:
-    return [view(batch, s) for s in sorted(steps, key=lambda s: s.step)]
-
-
 def view(batch: Batch, s: StepIn, detailed: bool = True) -> StepView:
     """One step with names resolved; ``detailed=False`` leaves out layers and parameters (only the step's own
     statistics are needed for a step that is neither a report nor non-finite anywhere)."""

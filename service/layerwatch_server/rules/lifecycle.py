@@ -80,8 +80,7 @@ class Lifecycle:
             row = self._open(row, obs, rule, step)
         elif row.state == "pending":
             self._evidence(row, obs, step)
-        if n >= rule.for_ and row.state == "pending":
-            self._evidence(row, obs, step)
+        if n >= rule.for_ and row.state == "pending":  # the evidence is this observation's already
             row.state, row.fired_at, row.updated_at = "firing", self.now, self.now
             self.on_transition(row, "firing", obs)
 

@@ -16,13 +16,11 @@ import json
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import JSON, Connection, Engine, bindparam, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from layerwatch_server.core.batch import Batch
@@ -33,7 +31,7 @@ from layerwatch_server.rules.config import AlertingConfig
 from layerwatch_server.rules.evaluate import Obs, evaluate_step, needs_detail, view
 from layerwatch_server.rules.lifecycle import OPEN, Lifecycle, alert_dict
 from layerwatch_server.rules.spec import Rule, merge
-from layerwatch_server.storage.base import UTCDateTime, finite_json, utcnow
+from layerwatch_server.storage.base import LRU, UTCDateTime, dialect_insert, finite_json, utcnow
 from layerwatch_server.storage.ingest import Ingestor, IngestResult
 from layerwatch_server.storage.models import AlertRow, OutboxRow, Project, RuleDef, RuleState, Run
 
@@ -78,9 +76,7 @@ class Alerting:
         # Called with (run_id, the run's current alerts) after each evaluation: the Prometheus snapshot.
         self.listeners: list[Callable[[str, list[dict[str, Any]]], None]] = []
         self._db_rules: tuple[float, dict[str, dict[str, Any]]] = (-1e18, {})
-        self._merged: OrderedDict[tuple[str, str], tuple[AlertingConfig, dict[str, Any], dict[str, Rule]]] = (
-            OrderedDict()
-        )
+        self._merged = LRU(256)  # (project, overrides) -> (config, API rules, merged rules)
         self._lock = threading.Lock()
 
     # -- rules --------------------------------------------------------------------------------------------
@@ -107,10 +103,7 @@ class Alerting:
             return hit[2]
         rules = merge([cfg.rules, db, cfg.projects.get(project, {}), overrides], project)
         with self._lock:
-            self._merged[key] = (cfg, db, rules)
-            self._merged.move_to_end(key)
-            while len(self._merged) > 256:
-                self._merged.popitem(last=False)
+            self._merged.put(key, (cfg, db, rules))
         return rules
 
     # -- ingest ---------------------------------------------------------------------------------------------
@@ -128,15 +121,10 @@ class Alerting:
 
     def on_ingest(self, batch: Batch, res: IngestResult) -> list[dict[str, Any]]:
         """The ingest hook, after the commit: hand queued notifications to the sender, tell the listeners, and
-        return the run's current alerts (the 202 answer carries them). When this object is not attached to the
-        ingestor, the rules are evaluated here first, in a transaction of their own."""
-        if HOOK in res.staged:
-            staged = res.staged[HOOK]
-            if staged is None:  # evaluation failed and was rolled back (logged by the ingestor)
-                return []
-        else:
-            with Session(self.engine, expire_on_commit=False) as s, s.begin():
-                staged = self._evaluate(s, batch, res)
+        return the run's current alerts (the 202 answer carries them)."""
+        staged = res.staged.get(HOOK)
+        if staged is None:  # evaluation failed and was rolled back (logged by the ingestor)
+            return []
         if staged.queued:
             self.sender.hand(staged.queued)
         self._tell(res.run_id, staged.current)
@@ -148,17 +136,15 @@ class Alerting:
         conn = s.connection()
         config, origin = conn.execute(_LOCK_RUN, {"id": res.run_id}).one()
         mem = self._memory(conn, res.run_id, batch.rank, now)
-        rules = self.rules_for(batch.run.project, config or batch.run.config)
+        rules = self.rules_for(batch.run.project, config)  # the batch's config is the run's by now (first wins)
         alerts = store.load(conn, res.run_id)
-        last = mem.get("last_step", -1)
-        steps = [x for x in batch.steps if x.step > last]
+        ordered = sorted((x for x in batch.steps if x.step > mem.get("last_step", -1)), key=lambda x: x.step)
 
         def transition(row: AlertRow, status: str, obs: Obs | None) -> None:
             queued.extend(enqueue(s, self.cfg, row, status, obs, now))
 
         counters = mem.setdefault("counters", {})
         lc = Lifecycle(res.run_id, batch.run.project, batch.rank, alerts, counters, transition, now, store.AlertRecord)
-        ordered = sorted(steps, key=lambda x: x.step)
         for i, step in enumerate(ordered):
             # A report is the batch's last step, or any step closing a dead-unit window; other steps only
             # need their layers when something in them is non-finite.
@@ -168,10 +154,10 @@ class Alerting:
             for obs in evaluate_step(rules, v, mem, origin, report):
                 lc.apply(obs, rules[obs.rule], v.step)
         stalled = alerts.get(("stalled", ""))
-        if steps and stalled is not None and stalled.state in OPEN:
-            lc.resolve(stalled, None, max(x.step for x in steps), "the run is sending data again")
-        if steps:
-            mem["last_step"] = max(last, *(x.step for x in steps))
+        if ordered and stalled is not None and stalled.state in OPEN:
+            lc.resolve(stalled, None, ordered[-1].step, "the run is sending data again")
+        if ordered:
+            mem["last_step"] = ordered[-1].step
         store.save(conn, alerts.values())
         conn.execute(_SAVE_MEMORY, {"r_id": res.run_id, "r_rank": batch.rank, "r_data": mem, "r_now": now})
         keep = dt.timedelta(seconds=self.cfg.notify.resolved_visible_s)
@@ -196,9 +182,10 @@ class Alerting:
         key = {"r_id": run_id, "r_rank": rank}
         row = conn.execute(_MEMORY, key).first()
         if row is None:  # first batch of this rank
-            insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
             conn.execute(
-                insert(RuleState).values(run_id=run_id, rank=rank, data={}, updated_at=now).on_conflict_do_nothing()
+                dialect_insert(conn, RuleState)
+                .values(run_id=run_id, rank=rank, data={}, updated_at=now)
+                .on_conflict_do_nothing()
             )
             row = conn.execute(_MEMORY, key).one()
         return row[0] or {}

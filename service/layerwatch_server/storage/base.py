@@ -11,9 +11,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+from collections import OrderedDict
 from typing import Any
 
 from sqlalchemy import DateTime, Double, MetaData
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.types import TypeDecorator
@@ -55,14 +57,10 @@ class NanFloat(TypeDecorator[float]):
 
     # Whole processors rather than process_bind_param: the impl's own float() coercion would undo the text.
     def bind_processor(self, dialect: Dialect) -> Any:
-        return sqlite_float_or_none if dialect.name == "sqlite" else None
+        return sqlite_float if dialect.name == "sqlite" else None
 
     def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
         return db_float
-
-
-def sqlite_float_or_none(value: float | None) -> float | str | None:
-    return None if value is None else sqlite_float(value)
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):
@@ -114,3 +112,23 @@ def finite_json(obj: Any) -> Any:
 
 def json_serializer(obj: Any) -> str:
     return json.dumps(finite_json(obj), allow_nan=False, default=str)
+
+
+def dialect_insert(bind: Any, table: Any) -> Any:
+    """INSERT with ``on_conflict_do_nothing``/``on_conflict_do_update`` for the bind's dialect (a connection or
+    an engine): the two backends spell the same statement in their own dialect modules."""
+    return (postgresql.insert if bind.dialect.name == "postgresql" else sqlite.insert)(table)
+
+
+class LRU(OrderedDict[Any, Any]):
+    """A dict that keeps its ``size`` most recently put keys (not thread-safe: callers hold their lock)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def put(self, key: Any, value: Any) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        while len(self) > self.size:
+            self.popitem(last=False)

@@ -17,18 +17,16 @@ import logging
 import operator
 import secrets
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 
 from sqlalchemy import BigInteger, Connection, Engine, String, Table, bindparam, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from layerwatch import wire
 from layerwatch_server.core.batch import Batch, LayerIn, ParamIn
-from layerwatch_server.storage.base import UTCDateTime, json_serializer, sqlite_float, utcnow
+from layerwatch_server.storage.base import LRU, UTCDateTime, dialect_insert, json_serializer, sqlite_float, utcnow
 from layerwatch_server.storage.models import (
     Layer,
     Param,
@@ -62,22 +60,6 @@ class IngestResult:
 InTransaction = Callable[[Connection, Batch, IngestResult], Any]
 
 
-def _insert(conn: Connection, table: Any) -> Any:
-    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
-
-
-class _LRU(OrderedDict[Any, Any]):
-    def __init__(self, size: int) -> None:
-        super().__init__()
-        self.size = size
-
-    def put(self, key: Any, value: Any) -> None:
-        self[key] = value
-        self.move_to_end(key)
-        while len(self) > self.size:
-            self.popitem(last=False)
-
-
 class Ingestor:
     """Writes batches into one database. Thread-safe; on SQLite writers take turns on a process lock."""
 
@@ -87,8 +69,8 @@ class Ingestor:
         self.lock_timeout_s = lock_timeout_s
         self._write_lock = threading.Lock()  # SQLite has one writer; waiting here beats SQLITE_BUSY
         self._cache_lock = threading.Lock()
-        self._runs: _LRU = _LRU(cache_runs)  # (project, key) -> run id
-        self._series: _LRU = _LRU(cache_runs * 2)  # (run id, "layer"|"param") -> {name: db id}
+        self._runs: LRU = LRU(cache_runs)  # (project, key) -> run id
+        self._series: LRU = LRU(cache_runs * 2)  # (run id, "layer"|"param") -> {name: db id}
         self.in_transaction: dict[str, InTransaction] = {}
 
     def write(self, batch: Batch) -> IngestResult:
@@ -102,7 +84,7 @@ class Ingestor:
             self._write_lock.release()
 
     def _write(self, batch: Batch) -> IngestResult:
-        learned: list[tuple[_LRU, Any, Any]] = []
+        learned: list[tuple[LRU, Any, Any]] = []
         with self.engine.begin() as conn:
             run_id = self._run_id(conn, batch, learned)
             new_steps = self._claim_steps(conn, run_id, batch)
@@ -129,17 +111,17 @@ class Ingestor:
             log.exception("in-transaction ingest hook %r failed; the batch is stored without it", name)
             return None
 
-    def _run_id(self, conn: Connection, batch: Batch, learned: list[tuple[_LRU, Any, Any]]) -> str:
+    def _run_id(self, conn: Connection, batch: Batch, learned: list[tuple[LRU, Any, Any]]) -> str:
         key = (batch.run.project, batch.run.key)
         with self._cache_lock:
             cached = self._runs.get(key)
         if cached is not None:
             return cached
-        conn.execute(_insert(conn, Project).values(name=key[0], created_at=utcnow()).on_conflict_do_nothing())
+        conn.execute(dialect_insert(conn, Project).values(name=key[0], created_at=utcnow()).on_conflict_do_nothing())
         project_id = conn.scalar(select(Project.id).where(Project.name == key[0]))
         now = utcnow()
         conn.execute(
-            _insert(conn, Run)
+            dialect_insert(conn, Run)
             .values(
                 id=secrets.token_hex(6),
                 project_id=project_id,
@@ -197,7 +179,7 @@ class Ingestor:
         run_id: str,
         kind: str,
         defs: list[LayerIn] | list[ParamIn],
-        learned: list[tuple[_LRU, Any, Any]],
+        learned: list[tuple[LRU, Any, Any]],
     ) -> dict[int, int]:
         """Batch index -> stable DB id, by name (wire indices are only valid inside one batch)."""
         if not defs:
@@ -209,7 +191,7 @@ class Ingestor:
             model = Layer if kind == "layer" else Param
             rows = [{"run_id": run_id, **d.model_dump()} for d in missing]
             for i in range(0, len(rows), _CLAIM_CHUNK):
-                conn.execute(_insert(conn, model).values(rows[i : i + _CLAIM_CHUNK]).on_conflict_do_nothing())
+                conn.execute(dialect_insert(conn, model).values(rows[i : i + _CLAIM_CHUNK]).on_conflict_do_nothing())
             known.update({n: i for n, i in conn.execute(select(model.name, model.id).where(model.run_id == run_id))})
             learned.append((self._series, (run_id, kind), known))
         return {d.index: known[d.name] for d in defs}
@@ -239,7 +221,7 @@ class Ingestor:
                 filter(None, chain.from_iterable(chain.from_iterable(getattr(s, attr) for s in new_steps.values())))
             )
             if total != total:
-                rows = [tuple("NaN" if v != v else v for v in row) for row in rows]
+                rows = [tuple(map(sqlite_float, row)) for row in rows]
         # In primary-key order (series, then step; the sort is stable and steps are sorted): each B-tree
         # leaf is visited once per batch instead of once per step, ~25% less insert work on SQLite.
         rows.sort(key=_SERIES_ID)

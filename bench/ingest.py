@@ -7,7 +7,9 @@ Each client is one rank of one run sending batches of ``--layers`` layers x ``--
 ``layerwatch.wire.encode``. A layer-row is one layer at one step with all its statistics. The MLflow
 phase logs the same statistics (one metric per layer and statistic) through ``MlflowClient.log_batch``
 (1000 metrics per request) to a real ``mlflow server``. The overload phase offers 3x the collector's
-in-flight limit and samples its RSS while it sheds load with 429/503.
+in-flight limit and samples its RSS while it sheds load with 429/503. The yardstick phase first times
+plain ``sqlite3`` executemany into the same table, the issue's reference figure, so SQLite results can be read
+as a share of what this machine's SQLite does at all.
 """
 
 from __future__ import annotations
@@ -287,6 +289,33 @@ def mlflow_rate(tmp: Path, seconds: float, layers: int, clients: int = 1) -> flo
             proc.kill()
 
 
+def raw_sqlite_rate(url: str, seconds: float, layers: int, steps: int) -> float:
+    """The issue's yardstick on this machine: plain ``sqlite3`` executemany of pre-built rows into the
+    collector's own (migrated, indexed, WAL) ``layer_stats`` table, one commit per batch, no HTTP and no
+    decoding. Its figure on the machine the issue was written on is ~230k rows/s, so the collector's share of
+    it says how the result would read there."""
+    import sqlite3
+
+    db = sqlite3.connect(url.removeprefix("sqlite:///"))
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    columns = ["run_id", "layer_id", "rank", "step", *wire.LAYER_STATS]
+    sql = f"INSERT INTO layer_stats ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+    rnd = random.Random(0)
+    values = [rnd.random() for _ in wire.LAYER_STATS]
+    rows, step, spent = 0, 0, 0.0
+    while spent < seconds:
+        batch = [("rawbench", layer, 0, step + s, *values) for s in range(steps) for layer in range(layers)]
+        step += steps
+        t0 = time.perf_counter()  # building the rows is not the database's work
+        db.executemany(sql, batch)
+        db.commit()
+        spent += time.perf_counter() - t0
+        rows += len(batch)
+    db.close()
+    return rows / spent
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -341,13 +370,19 @@ def main() -> None:
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="lw-bench-") as tmpdir:
         tmp = Path(tmpdir)
+        raw = 0.0
+        if "sqlite" in args.backends.split(","):
+            with database("sqlite", tmp) as url:
+                raw = raw_sqlite_rate(url, 5.0, args.layers, args.steps)
+            print(f"yardstick  raw sqlite3 executemany into layer_stats: {raw:,.0f} rows/s (issue's machine: ~230k)")
         for backend in args.backends.split(","):
             with database(backend, tmp) as url, collector(url, tmp / f"{backend}.log") as (base, proc):
                 for c in (int(x) for x in args.clients.split(",")):
                     r = drive(base, c, args.seconds, args.layers, args.steps, pid=proc.pid)
                     results[f"{backend}/{c}"] = r["rows_s"]
+                    share = f"  = {r['rows_s'] / raw:.0%} of raw sqlite3" if backend == "sqlite" and raw else ""
                     print(
-                        f"{backend:10s} clients={c:3d}  {r['rows_s']:10,.0f} layer-rows/s  "
+                        f"{backend:10s} clients={c:3d}  {r['rows_s']:10,.0f} layer-rows/s{share}  "
                         f"({r['rows_per_cpu_s']:,.0f} per collector CPU-s)  "
                         f"p50={r['p50_ms']:7.1f} ms  p99={r['p99_ms']:7.1f} ms  status={r['status']}",
                         flush=True,

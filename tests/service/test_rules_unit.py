@@ -46,22 +46,23 @@ def step(
 
 
 class Harness:
-    """Evaluation plus lifecycle for one rank, as the service does it, recording notified transitions."""
+    """Evaluation plus lifecycle, as the service does it, recording notified transitions. The run's alerts are
+    shared; each rank has its own memory (counters, loss history), as in the database."""
 
     def __init__(self, rules: dict[str, Rule]) -> None:
-        self.rules, self.mem = rules, {}
+        self.rules, self.mems = rules, {}
         self.alerts: dict[tuple[str, str], AlertRow] = {}
-        self.counters: dict[str, int] = {}
         self.events: list[tuple[str, str, str, int]] = []  # (rule, layer, firing|resolved, episode)
         self.obs: list[Obs] = []
 
-    def feed(self, *views: StepView, origin: dict[str, Any] | None = None) -> Harness:
+    def feed(self, *views: StepView, origin: dict[str, Any] | None = None, rank: int = 0) -> Harness:
         def note(row: AlertRow, status: str, obs: Obs | None) -> None:
             self.events.append((row.rule, row.layer_key, status, row.episode))
 
-        lc = Lifecycle("run1", "proj", 0, self.alerts, self.counters, note, NOW)
+        mem = self.mems.setdefault(rank, {})
+        lc = Lifecycle("run1", "proj", rank, self.alerts, mem.setdefault("counters", {}), note, NOW)
         for v in views:
-            for obs in evaluate_step(self.rules, v, self.mem, origin):
+            for obs in evaluate_step(self.rules, v, mem, origin):
                 self.obs.append(obs)
                 lc.apply(obs, self.rules[obs.rule], v.step)
         return self
@@ -316,6 +317,28 @@ def test_lifecycle_pending_that_clears_is_never_announced():
     h = Harness(only("mine", stat="loss", threshold=2.0, for_=3))
     h.feed(step(0, 3.0), step(1, 3.0), step(2, 1.0))
     assert h.events == [] and h.state("mine") == "resolved"
+
+
+def test_lifecycle_ranks_on_either_side_of_a_bound_do_not_flap():
+    """Rank 1 saturates a layer, rank 0 stays just under the bound: one firing, no resolve/re-open per batch.
+    The alert belongs to the rank that breached last; that rank's clean report resolves it."""
+    h = Harness(only("saturation", threshold=0.5, for_=2))
+
+    def tanh(sat_frac: float) -> dict[str, Any]:
+        return {"layers": {"t": (wire.KIND_BOUNDED, 8, {"sat_frac": sat_frac})}}
+
+    for i in range(6):
+        h.feed(step(i, **tanh(0.7)), rank=1)
+        h.feed(step(i, **tanh(0.45)), rank=0)
+    row = h.alerts[("saturation", "t")]
+    assert h.events == [("saturation", "t", "firing", 1)]
+    assert (row.state, row.rank, row.value) == ("firing", 1, 0.7)
+    h.feed(step(6, **tanh(0.8)), rank=0)  # rank 0 breaches now: the alert, still firing, moves to it
+    assert (row.state, row.rank, row.step, row.value) == ("firing", 0, 6, 0.8)
+    h.feed(step(7, **tanh(0.2)), rank=1)  # rank 1 is clean, but rank 0 breached last
+    assert row.state == "firing"
+    h.feed(step(7, **tanh(0.2)), rank=0)
+    assert row.state == "resolved" and h.events[-1] == ("saturation", "t", "resolved", 1)
 
 
 def test_lifecycle_keys_by_rule_and_layer():

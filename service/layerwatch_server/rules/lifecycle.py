@@ -3,6 +3,11 @@
 A breach counts towards the rule's ``for``; below it the alert is pending, at it the alert fires (and a
 notification is queued). The first clean observation resolves it; a resolved alert that breaches again
 re-opens the same row with a new episode, so its notifications get fresh idempotency keys.
+
+The ranks of a DDP run share the run's alerts but see different data (their own loss, activations and
+saturation), so near a bound one rank may breach while another does not. An open alert belongs to the rank that
+breached last (its ``rank``, with that breach as evidence): only that rank's clean observation resolves it, so
+two ranks on either side of a bound do not resolve and re-open it at every batch.
 """
 
 from __future__ import annotations
@@ -72,13 +77,13 @@ class Lifecycle:
         row = self.alerts.get((obs.rule, obs.layer))
         if not obs.breach:
             self.counters.pop(key, None)
-            if row is not None and row.state in OPEN:
+            if row is not None and row.state in OPEN and row.rank == self.rank:
                 self.resolve(row, obs, step)
             return
         n = self.counters[key] = self.counters.get(key, 0) + 1
         if row is None or row.state == "resolved":
             row = self._open(row, obs, rule, step)
-        elif row.state == "pending":
+        elif row.state == "pending" or row.rank != self.rank:  # a firing alert changes hands with its evidence
             self._evidence(row, obs, step)
         if n >= rule.for_ and row.state == "pending":  # the evidence is this observation's already
             row.state, row.fired_at, row.updated_at = "firing", self.now, self.now
@@ -106,11 +111,12 @@ class Lifecycle:
             self.new.append(row)
         else:
             row.episode += 1
-        row.rank, row.severity, row.state = self.rank, rule.severity, "pending"
+        row.severity, row.state = rule.severity, "pending"
         row.started_at, row.fired_at, row.resolved_at, row.notified_at = self.now, None, None, None
         self._evidence(row, obs, step)
         return row
 
     def _evidence(self, row: AlertRow, obs: Obs, step: int | None) -> None:
+        row.rank = self.rank
         row.step, row.threshold, row.message, row.updated_at = step, obs.threshold, obs.message[:2000], self.now
         row.value = obs.value

@@ -1,7 +1,7 @@
 """A run's alerts on the ingest path: plain records in, one executemany per kind of change out.
 
 Every batch reads all of its run's alerts (one per rule and layer: dozens) and may change many of them
-(ranks that disagree re-open and resolve the same alert batch after batch). As ORM objects that cost
+(a pending alert's evidence moves at every report). As ORM objects that cost
 ~30 us per alert to load and as much again to flush, more than evaluating the rules; as slotted records
 read with one Core query and written back with one statement per set of changed columns, a few us.
 :class:`AlertRecord` has the attributes of :class:`~layerwatch_server.storage.models.AlertRow`, so the

@@ -8,7 +8,7 @@ from alembic import context
 from sqlalchemy import Connection, Engine, text
 
 from layerwatch_server.core.config import load_settings
-from layerwatch_server.storage.engine import make_engine
+from layerwatch_server.storage.engine import make_engine, writer
 from layerwatch_server.storage.models import Base
 
 config = context.config
@@ -44,7 +44,7 @@ def run_migrations_online() -> None:
         return
     engine: Engine = make_engine(database_url())
     try:
-        with engine.connect() as conn:
+        with writer(engine).connect() as conn:  # reads the version, then writes: hold SQLite's lock throughout
             run_with(conn)
     finally:
         engine.dispose()

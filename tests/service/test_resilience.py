@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from layerwatch_server.app import create_app
 from layerwatch_server.core.config import Settings
 from layerwatch_server.storage.base import utcnow
-from layerwatch_server.storage.models import RuleDef
+from layerwatch_server.storage.engine import make_engine
+from layerwatch_server.storage.models import RuleDef, Run
 
 from .batches import make_batch, post
 from .test_ingest import count_rows, total_rows
@@ -86,3 +89,41 @@ def test_failing_rule_evaluation_rolls_back_to_its_savepoint_and_keeps_the_batch
     assert count_rows(engine, resp.json()["run_id"]) == (10, 40, 40)  # the batch is stored ...
     with engine.connect() as conn:  # ... and what the failed hook wrote is not
         assert conn.scalar(select(func.count()).select_from(RuleDef).where(RuleDef.name == name)) == 0
+
+
+def test_sqlite_batch_without_new_rows_commits_beside_another_writer(tmp_path, caplog):
+    """close()'s last batch (end status, no steps) reads before its first write. On SQLite its transaction must
+    take the write lock at BEGIN: in a deferred one, another writer (here the MLflow mirror's) committing after
+    that read makes the first write fail at once ("database is locked", no busy wait) and the batch a 503."""
+    from layerwatch_server.mirrors import source
+    from layerwatch_server.storage.migrations import upgrade
+
+    url = f"sqlite:///{tmp_path}/writers.db"
+    upgrade(url)
+    app = create_app(Settings(db_url=url, no_auth=True, scheduler=False))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        run_id = post(client, make_batch("closing", project="pwriters")).json()["run_id"]
+        engine = app.state.lw.engine
+        other = threading.Thread(target=source.set_mlflow_run_id, args=(engine, run_id, "m" * 32))
+
+        hooks = app.state.lw.ingestor.in_transaction
+        evaluate = hooks["alerting"]
+
+        def meanwhile(conn, batch, res):  # the rules read the run first; the other writer commits in between
+            conn.execute(select(func.count()).select_from(RuleDef))
+            other.start()
+            other.join(0.5)  # it commits now, or waits for the batch's commit
+            return evaluate(conn, batch, res)
+
+        hooks["alerting"] = meanwhile
+        last = make_batch("closing", steps=[], project="pwriters", end="finished")
+        last["run"]["config"] = None  # as ranks other than 0 send it: nothing for the run row before the hooks
+        resp = post(client, last)
+        other.join()
+    assert resp.status_code == 202, resp.text
+    assert "failed" not in caplog.text
+    check = make_engine(url)
+    with check.connect() as conn:
+        assert conn.scalar(select(Run.mlflow_run_id).where(Run.id == run_id)) == "m" * 32
+        assert conn.scalar(select(Run.status).where(Run.id == run_id)) == "finished"
+    check.dispose()

@@ -20,6 +20,7 @@ from sqlalchemy import Connection, Engine, delete, func, select
 from layerwatch import wire
 from layerwatch_server.jobs.scheduler import JobFn
 from layerwatch_server.storage.base import db_float, dialect_insert
+from layerwatch_server.storage.engine import writer
 from layerwatch_server.storage.models import Layer, Param, Rollup, layer_stats, param_stats, step_stats
 
 log = logging.getLogger("layerwatch_server.jobs")
@@ -47,7 +48,7 @@ def roll_up(engine: Engine, *, cutoff: float, bucket: int) -> int:
         boundary = (last_old + 1) // bucket * bucket
         if boundary == 0:
             continue
-        with engine.begin() as conn:
+        with writer(engine).begin() as conn:
             total += _roll_rank(conn, run_id, rank, boundary, bucket)
     return total
 

@@ -20,6 +20,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine, delete, text, update
 
 from layerwatch_server.storage.base import dialect_insert, utcnow
+from layerwatch_server.storage.engine import writer
 from layerwatch_server.storage.models import JobTick
 
 log = logging.getLogger("layerwatch_server.jobs")
@@ -36,7 +37,7 @@ def run_once(engine: Engine, job: str, interval_s: float, fn: JobFn, *, replica:
     """Run ``fn`` if this replica wins the current tick of ``job``; True when it ran."""
     now = time.time() if now is None else now
     tick = int(now // interval_s)
-    with engine.begin() as conn:
+    with writer(engine).begin() as conn:
         won = conn.execute(
             dialect_insert(conn, JobTick)
             .values(job=job, tick=tick, replica=replica, started_at=utcnow())
@@ -58,7 +59,7 @@ def run_once(engine: Engine, job: str, interval_s: float, fn: JobFn, *, replica:
             if pg:
                 lock_conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
                 lock_conn.commit()
-    with engine.begin() as conn:
+    with writer(engine).begin() as conn:
         conn.execute(update(JobTick).where(JobTick.job == job, JobTick.tick == tick).values(finished_at=utcnow()))
         conn.execute(delete(JobTick).where(JobTick.job == job, JobTick.tick < tick - _KEEP_TICKS))
     log.debug("job %s tick=%d ran replica=%s", job, tick, replica)

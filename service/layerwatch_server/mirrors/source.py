@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from layerwatch import wire
 from layerwatch_server.mirrors.naming import SeriesDef
 from layerwatch_server.storage.base import dialect_insert, utcnow
+from layerwatch_server.storage.engine import writer
 from layerwatch_server.storage.models import (
     Layer,
     MlflowMirror,
@@ -194,19 +195,19 @@ def save(engine: Engine, run: RunState) -> None:
         "ended_status": None if run.mirrored_status == "running" else run.mirrored_status,
         "updated_at": utcnow(),
     }
-    with engine.begin() as conn:
+    with writer(engine).begin() as conn:
         stmt = dialect_insert(conn, MlflowMirror).values(run_id=run.id, **values)
         conn.execute(stmt.on_conflict_do_update(index_elements=["run_id"], set_=values))
 
 
 def set_mlflow_run_id(engine: Engine, run_id: str, mlflow_run_id: str | None) -> None:
-    with engine.begin() as conn:
+    with writer(engine).begin() as conn:
         conn.execute(update(Run).where(Run.id == run_id).values(mlflow_run_id=mlflow_run_id))
 
 
 def reset(engine: Engine, run_id: str) -> None:
     """Forget that a run was mirrored (backfill into a new MLflow server starts from scratch)."""
-    with engine.begin() as conn:
+    with writer(engine).begin() as conn:
         conn.execute(MlflowMirror.__table__.delete().where(MlflowMirror.run_id == run_id))
         conn.execute(update(Run).where(Run.id == run_id).values(mlflow_run_id=None))
 

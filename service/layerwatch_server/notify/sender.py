@@ -21,6 +21,7 @@ from layerwatch_server.notify import outbox
 from layerwatch_server.notify.channels import DeliveryError, send
 from layerwatch_server.rules.config import AlertingConfig
 from layerwatch_server.storage.base import utcnow
+from layerwatch_server.storage.engine import writer
 from layerwatch_server.storage.models import OutboxRow
 
 log = logging.getLogger("layerwatch_server.notify")
@@ -71,7 +72,7 @@ class Sender:
 
     def deliver_due(self) -> int:
         """Claim due rows, send each, record the outcomes; returns how many were attempted."""
-        with self.engine.begin() as conn:
+        with writer(self.engine).begin() as conn:
             rows = outbox.claim(conn, utcnow())
         self._deliver(rows)
         return len(rows)
@@ -94,7 +95,7 @@ class Sender:
             outcomes.append((row_id, channel, key, attempts, created, history, utcnow(), error, permanent, status))
         if not outcomes:
             return
-        with self.engine.begin() as conn:
+        with writer(self.engine).begin() as conn:
             for row_id, channel, key, attempts, created, history, at, error, permanent, status in outcomes:
                 state = outbox.record(
                     conn,

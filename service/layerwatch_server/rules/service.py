@@ -32,6 +32,7 @@ from layerwatch_server.rules.evaluate import Obs, evaluate_step, needs_detail, v
 from layerwatch_server.rules.lifecycle import OPEN, Lifecycle, alert_dict
 from layerwatch_server.rules.spec import Rule, merge
 from layerwatch_server.storage.base import LRU, UTCDateTime, dialect_insert, finite_json, utcnow
+from layerwatch_server.storage.engine import writer
 from layerwatch_server.storage.ingest import Ingestor, IngestResult
 from layerwatch_server.storage.models import AlertRow, OutboxRow, Project, RuleDef, RuleState, Run
 
@@ -196,7 +197,7 @@ class Alerting:
         now = self.clock() if now_s is None else dt.datetime.fromtimestamp(now_s, dt.timezone.utc)
         queued: list[OutboxRow] = []
         stalled_runs: list[tuple[str, list[dict[str, Any]]]] = []
-        with Session(self.engine, expire_on_commit=False) as s, s.begin():
+        with Session(writer(self.engine), expire_on_commit=False) as s, s.begin():
             running = s.execute(
                 select(Run, Project.name).join(Project, Project.id == Run.project_id).where(Run.status == "running")
             ).all()

@@ -1,4 +1,11 @@
-"""Engine construction: SQLite tuned for a single writer in WAL mode, PostgreSQL with bounded waits."""
+"""Engine construction: SQLite tuned for a single writer in WAL mode, PostgreSQL with bounded waits.
+
+Transactions that write go through :func:`writer`. On SQLite they begin IMMEDIATE, taking the write lock up
+front: a deferred transaction that reads before it writes holds a snapshot, and when another connection commits
+after that read, its first write fails at once with "database is locked" (no busy wait can help). SQLAlchemy
+emits every BEGIN itself (pysqlite's own, issued only before DML, would leave a SAVEPOINT opening the
+transaction, and its RELEASE committing the batch half-way).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +14,17 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
 from layerwatch_server.storage.base import json_serializer
 
 log = logging.getLogger("layerwatch_server.storage")
+
+
+def writer(engine: Engine) -> Engine:
+    """``engine`` for a transaction that writes (on SQLite: BEGIN IMMEDIATE; elsewhere the same engine)."""
+    return engine.execution_options(sqlite_begin="IMMEDIATE")
 
 
 def make_engine(
@@ -49,6 +61,7 @@ def _sqlite_engine(db_url: str, timeout_s: float, background_checkpoint: bool) -
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # no BEGIN of pysqlite's own: ``_begin`` issues them all
         cur = dbapi_conn.cursor()
         cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA synchronous=NORMAL")  # WAL: safe against a crash of this process
@@ -57,6 +70,10 @@ def _sqlite_engine(db_url: str, timeout_s: float, background_checkpoint: bool) -
         if background_checkpoint:
             cur.execute("PRAGMA wal_autocheckpoint=0")
         cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get('sqlite_begin', 'DEFERRED')}")
 
     return engine
 

@@ -27,6 +27,7 @@ from sqlalchemy import BigInteger, Connection, Engine, String, Table, bindparam,
 from layerwatch import wire
 from layerwatch_server.core.batch import Batch, LayerIn, ParamIn
 from layerwatch_server.storage.base import LRU, UTCDateTime, dialect_insert, json_serializer, sqlite_float, utcnow
+from layerwatch_server.storage.engine import writer
 from layerwatch_server.storage.models import (
     Layer,
     Param,
@@ -65,6 +66,7 @@ class Ingestor:
 
     def __init__(self, engine: Engine, *, lock_timeout_s: float = 10.0, cache_runs: int = 256) -> None:
         self.engine = engine
+        self._writer = writer(engine)
         self.pg = engine.dialect.name == "postgresql"
         self.lock_timeout_s = lock_timeout_s
         self._write_lock = threading.Lock()  # SQLite has one writer; waiting here beats SQLITE_BUSY
@@ -85,7 +87,7 @@ class Ingestor:
 
     def _write(self, batch: Batch) -> IngestResult:
         learned: list[tuple[LRU, Any, Any]] = []
-        with self.engine.begin() as conn:
+        with self._writer.begin() as conn:
             run_id = self._run_id(conn, batch, learned)
             new_steps = self._claim_steps(conn, run_id, batch)
             layer_ids = self._series_ids(conn, run_id, "layer", batch.layers, learned)

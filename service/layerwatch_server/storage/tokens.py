@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, insert, select, update
 
 from layerwatch_server.storage.base import utcnow
+from layerwatch_server.storage.engine import writer
 from layerwatch_server.storage.models import ALL_PROJECTS, SCOPES, Token
 
 PREFIX = "lw_"
@@ -37,7 +38,7 @@ def create_token(engine: Engine, project: str, scope: str) -> str:
     if project == ALL_PROJECTS and scope != "admin":
         raise ValueError("only an admin token can cover every project ('*')")
     token = PREFIX + secrets.token_urlsafe(32)
-    with engine.begin() as conn:
+    with writer(engine).begin() as conn:
         conn.execute(
             insert(Token).values(project=project, scope=scope, token_hash=hash_token(token), created_at=utcnow())
         )
@@ -45,7 +46,7 @@ def create_token(engine: Engine, project: str, scope: str) -> str:
 
 
 def revoke_token(engine: Engine, token: str) -> bool:
-    with engine.begin() as conn:
+    with writer(engine).begin() as conn:
         res = conn.execute(
             update(Token)
             .where(Token.token_hash == hash_token(token), Token.revoked_at.is_(None))

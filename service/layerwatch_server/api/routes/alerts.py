@@ -17,6 +17,7 @@ from layerwatch_server.api.schemas import Problem
 from layerwatch_server.notify.outbox import attempts_for
 from layerwatch_server.rules.lifecycle import alert_dict
 from layerwatch_server.storage.base import finite_json, utcnow
+from layerwatch_server.storage.engine import writer
 from layerwatch_server.storage.models import AlertRow, Silence
 
 router = APIRouter(tags=["alerts"], responses={401: {"model": Problem}, 403: {"model": Problem}})
@@ -81,7 +82,7 @@ def create_silence(state: StateDep, grant: GrantDep, body: SilenceIn) -> Any:
     now = utcnow()
     fields = body.model_dump(exclude={"duration_s"})
     row = Silence(id=secrets.token_hex(6), starts_at=now, ends_at=now + dt.timedelta(seconds=body.duration_s), **fields)
-    with state.engine.begin() as conn:
+    with writer(state.engine).begin() as conn:
         conn.execute(
             Silence.__table__.insert().values(**{c: getattr(row, c) for c in (*fields, "id", "starts_at", "ends_at")})
         )

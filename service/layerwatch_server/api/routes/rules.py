@@ -12,6 +12,7 @@ from layerwatch_server.api.schemas import Problem
 from layerwatch_server.rules.service import Alerting
 from layerwatch_server.rules.spec import BUILTINS, RuleError, parse_rule
 from layerwatch_server.storage.base import finite_json, utcnow
+from layerwatch_server.storage.engine import writer
 from layerwatch_server.storage.models import RuleDef
 
 router = APIRouter(
@@ -57,7 +58,7 @@ def _save(state: Any, name: str, spec: dict[str, Any], *, create: bool) -> dict[
         rule = parse_rule(name, spec)
     except RuleError as exc:
         raise HTTPException(422, str(exc)) from None
-    with state.engine.begin() as conn:
+    with writer(state.engine).begin() as conn:
         exists = conn.scalar(select(RuleDef.name).where(RuleDef.name == name)) is not None
         if create and exists:
             raise HTTPException(409, f"rule {name!r} exists; PUT /api/v1/rules/{name} to change it")
@@ -89,7 +90,7 @@ def put_rule(state: StateDep, grant: GrantDep, name: str, body: Annotated[dict[s
 def delete_rule(state: StateDep, grant: GrantDep, name: str) -> None:
     """Drop the API definition; a built-in or file rule of that name falls back to its defaults."""
     _admin(grant)
-    with state.engine.begin() as conn:
+    with writer(state.engine).begin() as conn:
         gone = conn.execute(delete(RuleDef).where(RuleDef.name == name)).rowcount
     if not gone:
         raise HTTPException(404, f"no API rule {name!r}")

@@ -3,6 +3,7 @@ read a collector. Only the standard library, click and rich: it runs wherever th
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import os
@@ -138,6 +139,21 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _ago(iso: str | None, now: float | None = None) -> str:
+    """'42 s ago', '5 min ago', '3 h ago', '2 d ago' for an ISO timestamp from the API (as given if unparsable)."""
+    if not iso:
+        return "-"
+    try:
+        then = dt.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()  # 3.10 reads no "Z"
+    except ValueError:
+        return iso
+    seconds = (time.time() if now is None else now) - then
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds // size:.0f} {unit} ago"
+    return f"{max(seconds, 0):.0f} s ago"
+
+
 @main.command()
 @url_option
 @token_option
@@ -157,7 +173,7 @@ def runs(url: str, token: str | None, project: str | None, status: str | None) -
             run.get("name", ""),
             _status(run.get("status")),
             _fmt(run.get("last_step")),
-            _fmt(run.get("last_seen")),
+            _ago(run.get("last_seen")),
         )
     out.print(table)
 

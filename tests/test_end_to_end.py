@@ -47,7 +47,16 @@ def test_training_run_survives_a_collector_restart_and_lands_exactly_once(db_url
     port = free_port()
     model = nn.Sequential(nn.ReLU(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
     with running_server(db_url, log_path=tmp_path / "a.log", args=("--no-auth",), port=port) as (base, _):
-        mon = layerwatch.watch(model, run_name="e2e", project="e2e", url=base, every=5, timeout=2, max_backoff=0.5)
+        mon = layerwatch.watch(
+            model,
+            run_name="e2e",
+            project="e2e",
+            url=base,
+            every=5,
+            timeout=2,
+            max_backoff=0.5,
+            rules={"dead_units": {"threshold": 0.4}},  # the half-dead first ReLU fires; `show` lists it
+        )
         train(mon, model, range(0, 30))
         deadline = time.monotonic() + 20
         while mon.stats["delivered_batches"] < 6 and time.monotonic() < deadline:
@@ -75,6 +84,9 @@ def test_training_run_survives_a_collector_restart_and_lands_exactly_once(db_url
         assert listed.exit_code == 0 and "e2e" in listed.output and "finished" in listed.output
         shown = runner.invoke(cli, ["show", run_id, "--url", base])
         assert shown.exit_code == 0 and "ReLU" in shown.output
+        assert "Ranks" in shown.output and "every=5" in shown.output
+        open_alert = next(line for line in shown.output.splitlines() if line.startswith("│ dead_units"))
+        assert "│ firing │" in open_alert and "layer 0: 50%" in open_alert
         tailed = runner.invoke(cli, ["tail", run_id, "--url", base, "--once"])
         assert tailed.exit_code == 0, tailed.output
         first_row = next(line for line in tailed.output.splitlines() if "ReLU" in line)

@@ -192,7 +192,8 @@ def show(run_id: str, url: str, token: str | None) -> None:
     run = _get(url, f"/api/v1/runs/{run_id}", token)
     out.print(
         f"[bold]{run.get('name')}[/] ({run.get('id')}) in project [bold]{run.get('project')}[/]: "
-        f"{_status(run.get('status'))}, steps {_fmt(run.get('first_step'))}..{_fmt(run.get('last_step'))}"
+        f"{_status(run.get('status'))}, steps {_fmt(run.get('first_step'))}..{_fmt(run.get('last_step'))}, "
+        f"last seen {_ago(run.get('last_seen'))}"
     )
     if run.get("mlflow_run_id"):
         out.print(f"MLflow run: {run['mlflow_run_id']}")
@@ -202,6 +203,21 @@ def show(run_id: str, url: str, token: str | None) -> None:
             f"[red]First NaN/Inf[/]: step {origin.get('step')}, {origin.get('pass')} pass, "
             f"layer {origin.get('layer')}, rank {origin.get('rank')}"
         )
+    config = run.get("config") or {}
+    hparams = config.get("hparams") or {}
+    settings = {**{k: v for k, v in config.items() if k != "hparams"}, **hparams}
+    if settings:
+        out.print("Config: " + ", ".join(f"{k}={_fmt(v)}" for k, v in settings.items()))
+    ranks = Table(title="Ranks")
+    for column in ("rank", "host", "pid", "last seen", "dropped reports", "dropped batches"):
+        ranks.add_column(column)
+    for r in run.get("ranks", []):
+        ranks.add_row(
+            *(_fmt(r.get(k)) for k in ("rank", "host", "pid")),
+            _ago(r.get("last_seen")),
+            *(_fmt(r.get(k)) for k in ("dropped_reports", "dropped_batches")),
+        )
+    out.print(ranks)
     layers = Table(title="Layers")
     for column in ("name", "type", "kind", "shape", "units"):
         layers.add_column(column)
@@ -214,13 +230,14 @@ def show(run_id: str, url: str, token: str | None) -> None:
             _fmt(layer.get("units")),
         )
     out.print(layers)
-    _print_alerts(run.get("alerts") or [])
+    alerts = _get(url, "/api/v1/alerts", token, run_id=run_id)
+    _print_alerts([a for a in alerts if a.get("state") in ("pending", "firing")], title="Open alerts")
 
 
-def _print_alerts(alerts: list[dict[str, Any]]) -> None:
+def _print_alerts(alerts: list[dict[str, Any]], title: str = "Alerts") -> None:
     if not alerts:
         return
-    table = Table(title="Alerts")
+    table = Table(title=title)
     for column in ("rule", "state", "severity", "layer", "step", "value", "message"):
         table.add_column(column)
     for alert in alerts:

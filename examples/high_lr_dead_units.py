@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -50,17 +51,21 @@ def main() -> None:
             opt.zero_grad()
     print(f"final loss {loss.item():.3f}")
     report(mon)
-    token = os.environ.get("LAYERWATCH_TOKEN")
+    # Reading needs a read token (a job's write token cannot read): LAYERWATCH_READ_TOKEN, else LAYERWATCH_TOKEN.
+    token = os.environ.get("LAYERWATCH_READ_TOKEN") or os.environ.get("LAYERWATCH_TOKEN")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     if mon.run_id:
         for layer in ("1", "3", "5"):
             query = urllib.parse.urlencode({"layer": layer, "stat": "dead_frac"})
             url = f"{args.url}/api/v1/runs/{mon.run_id}/series?{query}"
-            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
-                points = json.loads(response.read())["points"]
+            try:
+                with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as response:
+                    points = json.loads(response.read())["points"]
+            except urllib.error.HTTPError as exc:
+                print(f"  (no dead_frac history: HTTP {exc.code}; set LAYERWATCH_READ_TOKEN to a read token)")
+                return
             dead = [p["value"] for p in points if isinstance(p["value"], float)]
             print(f"  ReLU layer {layer}: dead_frac {dead[0]:.2f} at the start -> {dead[-1]:.2f} at the end")
-
 
 if __name__ == "__main__":
     main()

@@ -69,6 +69,7 @@ def test_training_run_survives_a_collector_restart_and_lands_exactly_once(db_url
         with httpx.Client(base_url=base) as http:
             runs = http.get("/api/v1/runs", params={"project": "e2e"}).json()
             assert [(r["name"], r["status"]) for r in runs] == [("e2e", "finished")]
+            assert (runs[0]["firing_alerts"], runs[0]["pending_alerts"]) == (1, 0)
             run_id = runs[0]["id"]
             loss = http.get(f"/api/v1/runs/{run_id}/series", params={"stat": "loss"}).json()["points"]
             assert [p["step"] for p in loss] == list(range(80))  # every step, once, in order
@@ -82,6 +83,7 @@ def test_training_run_survives_a_collector_restart_and_lands_exactly_once(db_url
         runner = CliRunner()
         listed = runner.invoke(cli, ["runs", "--url", base])
         assert listed.exit_code == 0 and "e2e" in listed.output and "finished" in listed.output
+        assert "1 firing" in listed.output  # the dead_units alert below
         shown = runner.invoke(cli, ["show", run_id, "--url", base])
         assert shown.exit_code == 0 and "ReLU" in shown.output
         assert "Ranks" in shown.output and "every=5" in shown.output

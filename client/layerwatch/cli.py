@@ -164,7 +164,7 @@ def runs(url: str, token: str | None, project: str | None, status: str | None) -
     data = _get(url, "/api/v1/runs", token, project=project, status=status)
     items = data.get("runs", data) if isinstance(data, dict) else data
     table = Table(title=f"Runs at {url}")
-    for column in ("id", "project", "name", "status", "last step", "last seen"):
+    for column in ("id", "project", "name", "status", "last step", "last seen", "alerts"):
         table.add_column(column)
     for run in items:
         table.add_row(
@@ -174,8 +174,15 @@ def runs(url: str, token: str | None, project: str | None, status: str | None) -
             _status(run.get("status")),
             _fmt(run.get("last_step")),
             _ago(run.get("last_seen")),
+            _open_alerts(run),
         )
     out.print(table)
+
+
+def _open_alerts(run: dict[str, Any]) -> str:
+    firing, pending = run.get("firing_alerts") or 0, run.get("pending_alerts") or 0
+    parts = ([f"[red]{firing} firing[/]"] if firing else []) + ([f"[yellow]{pending} pending[/]"] if pending else [])
+    return ", ".join(parts) or "-"
 
 
 def _status(status: str | None) -> str:

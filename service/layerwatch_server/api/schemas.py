@@ -24,7 +24,9 @@ class Accepted(BaseModel):
 class IngestResponse(BaseModel):
     run_id: str
     accepted: Accepted
-    alerts: list[dict[str, Any]] = Field([], description="Alerts open for the run (rules: later).")
+    alerts: list[dict[str, Any]] = Field(
+        [], description="The run's alerts after this batch: open ones, and those resolved a moment ago."
+    )
 
 
 class ProjectOut(BaseModel):
@@ -44,6 +46,8 @@ class RunOut(BaseModel):
     last_seen: dt.datetime
     first_step: int | None
     last_step: int | None
+    firing_alerts: int = Field(0, description="The run's alerts now firing.")
+    pending_alerts: int = Field(0, description="The run's alerts breaching, not yet for long enough to fire.")
 
 
 class LayerOut(BaseModel):

@@ -6,11 +6,12 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Connection, Engine, func, select
 
 from layerwatch import wire
 from layerwatch_server.storage.base import db_float
 from layerwatch_server.storage.models import (
+    AlertRow,
     Layer,
     Param,
     Project,
@@ -72,7 +73,25 @@ def list_runs(
         stmt = stmt.where(Project.name.in_(only))
     stmt = stmt.order_by(Run.last_seen.desc()).limit(limit)
     with engine.connect() as conn:
-        return [dict(r._mapping) for r in conn.execute(stmt)]
+        runs = [dict(r._mapping) for r in conn.execute(stmt)]
+        _with_open_alerts(conn, runs)
+    return runs
+
+
+def _with_open_alerts(conn: Connection, runs: list[dict[str, Any]]) -> None:
+    """Add each run's count of firing and pending alerts: what a person scanning a list of runs looks for."""
+    counts: dict[tuple[str, str], int] = {}
+    ids = [r["id"] for r in runs]
+    for i in range(0, len(ids), 500):  # bounded IN lists
+        q = (
+            select(AlertRow.run_id, AlertRow.state, func.count())
+            .where(AlertRow.run_id.in_(ids[i : i + 500]), AlertRow.state.in_(("firing", "pending")))
+            .group_by(AlertRow.run_id, AlertRow.state)
+        )
+        counts.update({(run_id, state): n for run_id, state, n in conn.execute(q)})
+    for r in runs:
+        r["firing_alerts"] = counts.get((r["id"], "firing"), 0)
+        r["pending_alerts"] = counts.get((r["id"], "pending"), 0)
 
 
 def run_project(engine: Engine, run_id: str) -> str:
@@ -93,6 +112,7 @@ def get_run(engine: Engine, run_id: str) -> dict[str, Any]:
         if row is None:
             raise NotFound(f"run {run_id!r} not found")
         out = dict(row._mapping)
+        _with_open_alerts(conn, [out])
         out["ranks"] = [
             dict(r._mapping)
             for r in conn.execute(

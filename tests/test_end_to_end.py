@@ -93,3 +93,4 @@ def test_training_run_survives_a_collector_restart_and_lands_exactly_once(db_url
         assert tailed.exit_code == 0, tailed.output
         first_row = next(line for line in tailed.output.splitlines() if "ReLU" in line)
         assert "0.5" in first_row  # the half-dead ReLU layer is on top
+        assert "Open alerts" in tailed.output and "│ dead_units" in tailed.output

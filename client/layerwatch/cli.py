@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from layerwatch import spool, transport
 
@@ -128,15 +130,12 @@ def _get(url: str, path: str, token: str | None, **params: Any) -> Any:
 
 
 def _fmt(value: Any) -> str:
+    """A value as table text: numbers short, None as '-', brackets escaped (rich would read `run[3]` as markup)."""
     if value is None:
         return "-"
-    if isinstance(value, str):
-        return value
-    if isinstance(value, float):
-        if math.isnan(value) or math.isinf(value):
-            return str(value)
+    if isinstance(value, float) and math.isfinite(value):
         return f"{value:.4g}"
-    return str(value)
+    return escape(str(value))
 
 
 def _ago(iso: str | None, now: float | None = None) -> str:
@@ -168,9 +167,9 @@ def runs(url: str, token: str | None, project: str | None, status: str | None) -
         table.add_column(column)
     for run in items:
         table.add_row(
-            str(run.get("id")),
-            run.get("project", ""),
-            run.get("name", ""),
+            _fmt(run.get("id")),
+            _fmt(run.get("project")),
+            _fmt(run.get("name")),
             _status(run.get("status")),
             _fmt(run.get("last_step")),
             _ago(run.get("last_seen")),
@@ -198,7 +197,7 @@ def show(run_id: str, url: str, token: str | None) -> None:
     """Show one run: its configuration, ranks, layers and open alerts."""
     run = _get(url, f"/api/v1/runs/{run_id}", token)
     out.print(
-        f"[bold]{run.get('name')}[/] ({run.get('id')}) in project [bold]{run.get('project')}[/]: "
+        f"[bold]{_fmt(run.get('name'))}[/] ({_fmt(run.get('id'))}) in project [bold]{_fmt(run.get('project'))}[/]: "
         f"{_status(run.get('status'))}, steps {_fmt(run.get('first_step'))}..{_fmt(run.get('last_step'))}, "
         f"last seen {_ago(run.get('last_seen'))}"
     )
@@ -208,13 +207,13 @@ def show(run_id: str, url: str, token: str | None) -> None:
         origin = run["nonfinite_origin"]
         out.print(
             f"[red]First NaN/Inf[/]: step {origin.get('step')}, {origin.get('pass')} pass, "
-            f"layer {origin.get('layer')}, rank {origin.get('rank')}"
+            f"layer {_fmt(origin.get('layer'))}, rank {origin.get('rank')}"
         )
     config = run.get("config") or {}
     hparams = config.get("hparams") or {}
     settings = {**{k: v for k, v in config.items() if k != "hparams"}, **hparams}
     if settings:
-        out.print("Config: " + ", ".join(f"{k}={_fmt(v)}" for k, v in settings.items()))
+        out.print("Config: " + ", ".join(f"{_fmt(k)}={_fmt(v)}" for k, v in settings.items()))
     ranks = Table(title="Ranks")
     for column in ("rank", "host", "pid", "last seen", "dropped reports", "dropped batches"):
         ranks.add_column(column)
@@ -230,26 +229,32 @@ def show(run_id: str, url: str, token: str | None) -> None:
         layers.add_column(column)
     for layer in run.get("layers", []):
         layers.add_row(
-            layer.get("name", ""),
-            layer.get("type", ""),
-            layer.get("kind", ""),
+            _fmt(layer.get("name")),
+            _fmt(layer.get("type")),
+            _fmt(layer.get("kind")),
             _fmt(layer.get("shape")),
             _fmt(layer.get("units")),
         )
     out.print(layers)
-    alerts = _get(url, "/api/v1/alerts", token, run_id=run_id)
-    _print_alerts([a for a in alerts if a.get("state") in ("pending", "firing")], title="Open alerts")
+    _print_alerts(_open_alerts_of(url, run_id, token), title="Open alerts")
 
 
 def _print_alerts(alerts: list[dict[str, Any]], title: str = "Alerts") -> None:
-    if not alerts:
-        return
+    if alerts:
+        out.print(_alerts_table(alerts, title))
+
+
+def _alerts_table(alerts: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=title)
     for column in ("rule", "state", "severity", "layer", "step", "value", "message"):
         table.add_column(column)
     for alert in alerts:
         table.add_row(*(_fmt(alert.get(k)) for k in ("rule", "state", "severity", "layer", "step", "value", "message")))
-    out.print(table)
+    return table
+
+
+def _open_alerts_of(url: str, run_id: str, token: str | None) -> list[dict[str, Any]]:
+    return [a for a in _get(url, "/api/v1/alerts", token, run_id=run_id) if a.get("state") in ("pending", "firing")]
 
 
 TAIL_STATS = ("dead_frac", "zero_frac", "act_mean", "act_std", "act_max_abs", "sat_frac", "nonfinite")
@@ -263,20 +268,22 @@ TAIL_STATS = ("dead_frac", "zero_frac", "act_mean", "act_std", "act_max_abs", "s
 @click.option("--rows", default=25, show_default=True, help="Layers shown (worst dead_frac first).")
 @click.option("--once", is_flag=True, help="Print one table and exit.")
 def tail(run_id: str, url: str, token: str | None, interval: float, rows: int, once: bool) -> None:
-    """Live per-layer statistics of a run, the worst layers on top."""
+    """Live per-layer statistics of a run, the worst layers on top, and its open alerts below."""
 
-    def render() -> Table:
+    def render() -> Group:
         run = _get(url, f"/api/v1/runs/{run_id}", token)
         latest = _get(url, f"/api/v1/runs/{run_id}/latest", token)["layers"]
         latest.sort(key=lambda layer: (-_num(layer.get("dead_frac")), -_num(layer.get("nonfinite"))))
-        table = Table(title=f"{run.get('name')} [{run.get('status')}] step {_fmt(run.get('last_step'))}")
+        title = f"{_fmt(run.get('name'))} {_status(run.get('status'))} step {_fmt(run.get('last_step'))}"
+        table = Table(title=title)
         table.add_column("layer")
         table.add_column("type")
         for stat in TAIL_STATS:
             table.add_column(stat, justify="right")
         for layer in latest[:rows]:
-            table.add_row(layer["name"], layer.get("type", ""), *(_fmt(layer.get(s)) for s in TAIL_STATS))
-        return table
+            table.add_row(_fmt(layer["name"]), _fmt(layer.get("type")), *(_fmt(layer.get(s)) for s in TAIL_STATS))
+        alerts = _open_alerts_of(url, run_id, token)
+        return Group(table, _alerts_table(alerts, "Open alerts") if alerts else Text("No open alerts.", style="green"))
 
     if once:
         out.print(render())

@@ -5,8 +5,10 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+from rich.console import Console
+from rich.table import Table
 
-from layerwatch.cli import _ago
+from layerwatch.cli import _ago, _fmt
 
 NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.timezone.utc).timestamp()
 
@@ -25,3 +27,17 @@ NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.timezone.utc).timestamp()
 )
 def test_last_seen_reads_as_an_age(iso, shown):
     assert _ago(iso, now=NOW) == shown
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [("resnet[lr=0.1]", "resnet[lr=0.1]"), ("a[bold]b", "a[bold]b"), ([128, 64], "[128, 64]"), (0.123456, "0.1235")],
+)
+def test_table_cells_show_names_as_they_are(value, shown):
+    """Rich reads `[...]` in a cell as markup: a run called `resnet[lr=0.1]` must not lose its brackets."""
+    console = Console(width=80, record=True)
+    table = Table()
+    table.add_column("x")
+    table.add_row(_fmt(value))
+    console.print(table)
+    assert shown in console.export_text()

@@ -79,6 +79,8 @@ def test_training_run_survives_a_collector_restart_and_lands_exactly_once(db_url
             assert [layer["name"] for layer in detail["layers"]] == ["0", "1", "2", "3"]
             latest = http.get(f"/api/v1/runs/{run_id}/latest").json()
             assert latest["layers"][0]["dead_frac"] == 0.5 and latest["layers"][0]["step"] == 79
+            # the ReLUs' dead_frac means dead units; the output head's does not
+            assert [layer["dead_judged"] for layer in latest["layers"]] == [True, False, True, False]
         # The CLI for people reads the same API.
         runner = CliRunner()
         listed = runner.invoke(cli, ["runs", "--url", base])

@@ -273,7 +273,7 @@ def tail(run_id: str, url: str, token: str | None, interval: float, rows: int, o
     def render() -> Group:
         run = _get(url, f"/api/v1/runs/{run_id}", token)
         latest = _get(url, f"/api/v1/runs/{run_id}/latest", token)["layers"]
-        latest.sort(key=lambda layer: (-_num(layer.get("dead_frac")), -_num(layer.get("nonfinite"))))
+        latest.sort(key=lambda layer: (-_num(_dead(layer)), -_num(layer.get("nonfinite"))))
         title = f"{_fmt(run.get('name'))} {_status(run.get('status'))} step {_fmt(run.get('last_step'))}"
         table = Table(title=title)
         table.add_column("layer")
@@ -281,7 +281,11 @@ def tail(run_id: str, url: str, token: str | None, interval: float, rows: int, o
         for stat in TAIL_STATS:
             table.add_column(stat, justify="right")
         for layer in latest[:rows]:
-            table.add_row(_fmt(layer["name"]), _fmt(layer.get("type")), *(_fmt(layer.get(s)) for s in TAIL_STATS))
+            cells = [_fmt(layer.get(s)) for s in TAIL_STATS]
+            if _dead(layer) is None and layer.get("dead_frac") is not None:
+                cells[0] = f"[dim]({cells[0]})[/]"
+                table.caption = "(dead_frac): an output head's or a pre-activation's, not dead units"
+            table.add_row(_fmt(layer["name"]), _fmt(layer.get("type")), *cells)
         alerts = _open_alerts_of(url, run_id, token)
         return Group(table, _alerts_table(alerts, "Open alerts") if alerts else Text("No open alerts.", style="green"))
 
@@ -295,6 +299,11 @@ def tail(run_id: str, url: str, token: str | None, interval: float, rows: int, o
                 live.update(render())
         except KeyboardInterrupt:
             pass
+
+
+def _dead(layer: dict[str, Any]) -> Any:
+    """A layer's dead_frac where it means dead units (the collector says so per layer), else None."""
+    return layer.get("dead_frac") if layer.get("dead_judged", True) else None
 
 
 def _num(value: Any) -> float:

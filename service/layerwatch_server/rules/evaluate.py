@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import operator
 import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,7 +62,7 @@ def view(batch: Batch, s: StepIn, detailed: bool = True) -> StepView:
     for row in s.params:
         p = pmeta[int(row[0])]
         v.params[p.name] = (p.shape, dict(zip(batch.param_stats, row[1:], strict=True)))
-    v.dead_judged = dead_judged(batch)
+    v.dead_judged = dead_judged((d.index, d.name, d.type) for d in batch.layers)
     return v
 
 
@@ -70,18 +71,19 @@ PRE_ACTIVATIONS = frozenset(
 )
 
 
-def dead_judged(batch: Batch) -> set[str]:
-    """Layers whose dead_frac is a finding of its own. A Linear/Conv output counts as dead when never positive
-    only because a functional ``F.relu`` may follow it: when the next watched layer (in execution order) is an
-    activation module, that module reports the same units itself (or, for tanh/GELU..., "never positive" is
-    no death at all); the model's last layer is an output head, whose outputs may well all be negative."""
-    ordered = sorted(batch.layers, key=lambda d: d.index)
+def dead_judged(layers: Iterable[tuple[int, str, str]]) -> set[str]:
+    """Names of the layers, given as (index, name, type), whose dead_frac is a finding of its own. A Linear/Conv
+    output counts as dead when never positive only because a functional ``F.relu`` may follow it: when the next
+    watched layer (in execution order) is an activation module, that module reports the same units itself (or,
+    for tanh/GELU..., "never positive" is no death at all); the model's last layer is an output head, whose
+    outputs may well all be negative."""
+    ordered = sorted(layers)
     judged = set()
-    for i, d in enumerate(ordered):
-        if d.type not in PRE_ACTIVATIONS:
-            judged.add(d.name)
-        elif i + 1 < len(ordered) and ordered[i + 1].type in PRE_ACTIVATIONS:
-            judged.add(d.name)  # followed by no activation module: a functional one, if any, sits in between
+    for i, (_, name, type_) in enumerate(ordered):
+        if type_ not in PRE_ACTIVATIONS:
+            judged.add(name)
+        elif i + 1 < len(ordered) and ordered[i + 1][2] in PRE_ACTIVATIONS:
+            judged.add(name)  # followed by no activation module: a functional one, if any, sits in between
     return judged
 
 

@@ -279,7 +279,9 @@ def latest(engine: Engine, run_id: str, *, rank: int, lookback: int) -> dict[str
         if last_step is None and conn.scalar(select(Run.id).where(Run.id == run_id)) is None:
             raise NotFound(f"run {run_id!r} not found")
         layers = conn.execute(
-            select(Layer.id, Layer.name, Layer.type, Layer.kind).where(Layer.run_id == run_id).order_by(Layer.id)
+            select(Layer.id, Layer.index, Layer.name, Layer.type, Layer.kind)
+            .where(Layer.run_id == run_id)
+            .order_by(Layer.id)
         ).all()
         stat_cols = [layer_stats.c[name] for name in wire.LAYER_STATS]
         rows = conn.execute(
@@ -303,7 +305,7 @@ def latest(engine: Engine, run_id: str, *, rank: int, lookback: int) -> dict[str
         "rank": rank,
         "last_step": last_step,
         "layers": [
-            {"name": name, "type": type_, "kind": kind, **values.get(layer_id, {})}
-            for layer_id, name, type_, kind in layers
+            {"name": name, "index": index, "type": type_, "kind": kind, **values.get(layer_id, {})}
+            for layer_id, index, name, type_, kind in layers
         ],
     }

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 
 from layerwatch_server.api.deps import GrantDep, StateDep, authorize, readable_projects
 from layerwatch_server.api.schemas import Problem, ProjectOut, RunDetail, RunOut, Series
+from layerwatch_server.rules.evaluate import dead_judged
 from layerwatch_server.storage import queries
 from layerwatch_server.storage.base import finite_json
 from layerwatch_server.storage.models import RUN_STATUSES
@@ -74,7 +75,9 @@ def get_series(
     "/runs/{run_id}/latest",
     responses={404: {"model": Problem}},
     description="Each layer's most recent value of every layer statistic within the last `lookback` steps "
-    '(what `layerwatch tail` shows). Non-finite values are the strings "NaN", "Infinity", "-Infinity".',
+    "(what `layerwatch tail` shows), with `index` (execution order) and `dead_judged`: whether its `dead_frac` "
+    "means dead units, as the `dead_units` rule reads it (not for an output head, nor for a Linear/Conv whose "
+    'units the activation after it reports). Non-finite values are the strings "NaN", "Infinity", "-Infinity".',
 )
 def get_latest(
     state: StateDep,
@@ -84,4 +87,8 @@ def get_latest(
     lookback: Annotated[int, Query(ge=1, le=100_000)] = 200,
 ) -> Any:
     authorize(grant, queries.run_project(state.engine, run_id), "read")
-    return JSONResponse(finite_json(queries.latest(state.engine, run_id, rank=rank, lookback=lookback)))
+    out = queries.latest(state.engine, run_id, rank=rank, lookback=lookback)
+    judged = dead_judged((layer["index"], layer["name"], layer["type"]) for layer in out["layers"])
+    for layer in out["layers"]:
+        layer["dead_judged"] = layer["name"] in judged
+    return JSONResponse(finite_json(out))

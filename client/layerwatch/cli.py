@@ -173,12 +173,12 @@ def runs(url: str, token: str | None, project: str | None, status: str | None) -
             _status(run.get("status")),
             _fmt(run.get("last_step")),
             _ago(run.get("last_seen")),
-            _open_alerts(run),
+            _alert_counts(run),
         )
     out.print(table)
 
 
-def _open_alerts(run: dict[str, Any]) -> str:
+def _alert_counts(run: dict[str, Any]) -> str:
     firing, pending = run.get("firing_alerts") or 0, run.get("pending_alerts") or 0
     parts = ([f"[red]{firing} firing[/]"] if firing else []) + ([f"[yellow]{pending} pending[/]"] if pending else [])
     return ", ".join(parts) or "-"

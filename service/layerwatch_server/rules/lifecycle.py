@@ -19,9 +19,9 @@ from typing import Any
 
 from layerwatch_server.rules.evaluate import Obs
 from layerwatch_server.rules.spec import Rule
-from layerwatch_server.storage.models import AlertRow
+from layerwatch_server.storage.models import OPEN_ALERT_STATES, AlertRow
 
-OPEN = ("pending", "firing")
+OPEN = OPEN_ALERT_STATES
 Transition = Callable[[AlertRow, str, Obs | None], None]  # (alert, "firing"|"resolved", obs)
 
 

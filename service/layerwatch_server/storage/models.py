@@ -27,6 +27,7 @@ from layerwatch import wire
 from layerwatch_server.storage.base import Base, NanFloat, UTCDateTime, utcnow
 
 RUN_STATUSES = ("running", "finished", "failed", "killed", "stalled")
+OPEN_ALERT_STATES = ("pending", "firing")  # an alert is open in these; else "resolved"
 SCOPES = ("write", "read", "admin")
 ALL_PROJECTS = "*"
 

@@ -11,6 +11,7 @@ from sqlalchemy import Connection, Engine, func, select
 from layerwatch import wire
 from layerwatch_server.storage.base import db_float
 from layerwatch_server.storage.models import (
+    OPEN_ALERT_STATES,
     AlertRow,
     Layer,
     Param,
@@ -85,7 +86,7 @@ def _with_open_alerts(conn: Connection, runs: list[dict[str, Any]]) -> None:
     for i in range(0, len(ids), 500):  # bounded IN lists
         q = (
             select(AlertRow.run_id, AlertRow.state, func.count())
-            .where(AlertRow.run_id.in_(ids[i : i + 500]), AlertRow.state.in_(("firing", "pending")))
+            .where(AlertRow.run_id.in_(ids[i : i + 500]), AlertRow.state.in_(OPEN_ALERT_STATES))
             .group_by(AlertRow.run_id, AlertRow.state)
         )
         counts.update({(run_id, state): n for run_id, state, n in conn.execute(q)})

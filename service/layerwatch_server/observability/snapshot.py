@@ -2,6 +2,8 @@
 
 Ingest pays only for the last step of each batch (and, for statistics measured now and then such as
 ``dead_frac``, the last step that has them), and only for rank 0: every rank reports the same layers.
+A statistic may be null for some layers of a step and measured for others (a Linear whose units the ReLU
+after it reports has no ``dead_frac`` of its own), so "measured at a step" means "measured for some layer".
 Cardinality is bounded: at most ``max_layers`` layers and parameters per run (model order, optionally
 filtered by ``layer_regex``), a few statistics each, and a run's series disappear ``ended_s`` after
 it ended or ``stale_s`` after it last reported.
@@ -21,6 +23,7 @@ from prometheus_client.registry import Collector
 
 from layerwatch import wire
 from layerwatch_server.core.batch import Batch
+from layerwatch_server.rules.evaluate import dead_judged
 
 RUN_LABELS = ["project", "run"]
 _STEP_STATS = wire.STEP_STATS
@@ -112,10 +115,13 @@ class LatestSnapshot(Collector):
                     out.setdefault(name, {})[stat] = row[col]
 
     def _aggregates(self, run: _Run, batch: Batch) -> None:
-        units = {d.index: d.units for d in batch.layers}
+        # Dead units as the dead_units rule reads them: not an output head's outputs that are never positive.
+        judged = dead_judged((d.index, d.name, d.type) for d in batch.layers)
+        units = {d.index: d.units for d in batch.layers if d.name in judged}
         if "dead_frac" in batch.layer_stats:
             col = batch.layer_stats.index("dead_frac") + 1
-            dead = [(r[col], units.get(int(r[0]), 0)) for r in _latest_rows(batch, "layers", col) if r[col] is not None]
+            rows = _latest_rows(batch, "layers", col)
+            dead = [(r[col], units[int(r[0])]) for r in rows if r[col] is not None and int(r[0]) in units]
             if dead:
                 run.agg["dead_frac_max"] = max(d for d, _ in dead)
                 total = sum(u for _, u in dead)
@@ -208,17 +214,19 @@ class LatestSnapshot(Collector):
 
 
 _AGG_HELP = {
-    "dead_frac_max": "The worst layer's dead fraction at the last dead-unit window.",
-    "dead_units_frac": "Dead units / units over every measured layer.",
+    "dead_frac_max": "The worst layer's dead fraction at the last dead-unit window (as the dead_units rule "
+    "reads it: not an output head's).",
+    "dead_units_frac": "Dead units / units over every layer the dead_units rule judges.",
     "grad_norm_max": "The largest per-parameter gradient norm.",
     "nonfinite_count": "Non-finite activations and gradients counted at the last step.",
 }
 
 
 def _latest_rows(batch: Batch, attr: str, col: int) -> list[list[float | None]]:
-    """Rows of the last step where column ``col`` was measured (sparse stats are null in between)."""
+    """Rows of the last step where column ``col`` was measured for some row (sparse stats are null in between,
+    and null for some layers even at the steps that measure them)."""
     for s in sorted(batch.steps, key=lambda s: s.step, reverse=True):
         rows = getattr(s, attr)
-        if rows and rows[0][col] is not None:
+        if any(row[col] is not None for row in rows):
             return rows
     return []

@@ -66,14 +66,17 @@ def test_run_is_mirrored_with_params_tags_metrics_and_status(collector, mlflow_u
     assert run.info.status == "FINISHED"
     assert run.data.params["lr"] == "0.001" and run.data.params["model.watched_layers"] == "4"
     assert run.data.tags["layerwatch.world_size"] == "1" and run.data.tags["layerwatch.rank.0.host"] == "testhost"
-    hist = ml.get_metric_history(run.info.run_id, "relu/blocks.0.fc/dead_frac")
+    assert run.data.tags["mlflow.note.content"].startswith("Mirrored by layerwatch.")
+    # Linear layers keyed as what they are; the last one, the output head, as such
+    assert "output/blocks.3.fc/dead_frac" in run.data.metrics
+    hist = ml.get_metric_history(run.info.run_id, "linear/blocks.0.fc/dead_frac")
     assert [m.step for m in hist] == list(range(10)) and hist[2].value == pytest.approx(2000.4)
     assert [m.step for m in ml.get_metric_history(run.info.run_id, "loss")] == list(range(10))
     assert {"layerwatch/dead_frac_max", "layerwatch/grad_norm_max", "param/blocks.3.fc.weight/grad_norm"} <= set(
         run.data.metrics
     )
     # non-finite values are counted and tagged, never logged
-    std = ml.get_metric_history(run.info.run_id, "relu/blocks.0.fc/act_std")
+    std = ml.get_metric_history(run.info.run_id, "linear/blocks.0.fc/act_std")
     assert 3 not in [m.step for m in std] and all(math.isfinite(m.value) for m in std)
     assert run.data.tags["layerwatch.nonfinite.first_step"] == "0"  # the user scalar "weird" is +Inf
     assert int(run.data.tags["layerwatch.nonfinite.values"]) == 10 + 2

@@ -149,6 +149,7 @@ class MlflowMirror:
             "layerwatch.run_key": run.key,
             "layerwatch.project": run.project,
             "layerwatch.world_size": str(run.world_size),
+            "mlflow.note.content": naming.RUN_NOTE,
             **self._host_tags(engine, run.id),
         }
         created = client.create_run(

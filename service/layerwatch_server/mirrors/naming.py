@@ -1,20 +1,25 @@
 """How layerwatch data is named and budgeted in MLflow (pure functions, no I/O).
 
 MLflow's UI groups metric charts by the part of the key before the first ``/``, so per-layer keys are
-``{kind}/{layer}/{stat}`` (``relu/blocks.3.act/dead_frac``), parameters ``param/{name}/{stat}``, run-level
-aggregates ``layerwatch/{name}``; loss, lr, grad_norm_total and user scalars keep their plain names.
+``{kind}/{layer}/{stat}`` (``relu/blocks.3.act/dead_frac``, ``linear/blocks.3.fc/act_std``), parameters
+``param/{name}/{stat}``, run-level aggregates ``layerwatch/{name}``; loss, lr, grad_norm_total and user scalars
+keep their plain names. The kind in a key says what the layer is (:func:`shown_kinds`), not the wire's kind,
+which says only how its units are judged (a Linear's is ``relu``).
 MLflow slows down with thousands of keys per run, so per-layer keys are limited to a few statistics and a
 key budget (layers in model order until it is spent); the aggregates keep a 200-layer model readable.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from layerwatch_server.rules.evaluate import PRE_ACTIVATIONS
 
 MAX_KEY_LEN = 250  # MLflow's limit on metric/param/tag keys
 MAX_PARAM_VALUE_LEN = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
@@ -33,9 +38,13 @@ AGG_NONFINITE_VALUES = "layerwatch/nonfinite_values"  # statistics of this step 
 
 
 def safe_key(key: str) -> str:
-    """A key MLflow accepts: unsupported characters become ``_``, at most 250 characters."""
+    """A key MLflow accepts: unsupported characters become ``_``, at most 250 characters. A longer key keeps
+    its start and ends in a digest of the whole key: the same on every replica and after every restart
+    (Python's ``hash()`` of a string differs between processes)."""
     key = _UNSAFE.sub("_", key)
-    return key if len(key) <= MAX_KEY_LEN else key[: MAX_KEY_LEN - 9] + "~" + f"{hash(key) & 0xFFFFFFFF:08x}"
+    if len(key) <= MAX_KEY_LEN:
+        return key
+    return key[: MAX_KEY_LEN - 9] + "~" + hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
 def layer_key(kind: str, layer: str, stat: str) -> str:
@@ -55,6 +64,34 @@ class SeriesDef:
     name: str
     kind: str = "param"
     units: int = 0
+    type: str = ""
+
+
+# The MLflow run's description (the ``mlflow.note.content`` tag): how to read the keys, where MLflow shows it.
+RUN_NOTE = (
+    "Mirrored by layerwatch. Per-layer metrics are `{kind}/{layer}/{stat}`, with the layer named as in "
+    "`model.named_modules()`: `relu`, `bounded` (tanh, sigmoid, ...) and `other` (GELU, SiLU, ...) are activation "
+    "modules, `linear` and `conv` Linear/Conv outputs, `output` the model's output head, whose `dead_frac` is the "
+    "share of outputs never positive, not dead units. Run-level figures are under `layerwatch/`, parameters "
+    "under `param/`."
+)
+OUTPUT_KIND = "output"  # the model's last layer, a Linear/Conv: its dead_frac counts outputs never positive
+
+
+def shown_kinds(layers: Iterable[SeriesDef]) -> dict[int, str]:
+    """The kind shown for each layer (by id): ``linear`` or ``conv`` for a Linear/Conv output, ``output`` for
+    the model's last layer when it is one (an output head: its dead_frac is no count of dead units, which is
+    why the dead_units rule skips it), the wire kind (``relu``, ``bounded``, ``other``) for the rest."""
+    ordered = sorted(layers, key=lambda d: (d.index, d.id))
+    shown = {}
+    for i, d in enumerate(ordered):
+        if d.type not in PRE_ACTIVATIONS:
+            shown[d.id] = d.kind
+        elif i == len(ordered) - 1:
+            shown[d.id] = OUTPUT_KIND
+        else:
+            shown[d.id] = "conv" if d.type.startswith("Conv") else "linear"
+    return shown
 
 
 @dataclass(frozen=True)
@@ -74,6 +111,8 @@ def plan_keys(
     max_keys: int,
 ) -> Budget:
     """Per-layer keys for the chosen statistics, layers then parameters in model order, up to ``max_keys``."""
+    layers = list(layers)
+    kinds = shown_kinds(layers)
     layer_keys: dict[tuple[int, str], str] = {}
     param_keys: dict[tuple[int, str], str] = {}
     dropped = 0
@@ -86,7 +125,7 @@ def plan_keys(
                 if len(layer_keys) + len(param_keys) >= max_keys:
                     dropped += 1
                     continue
-                out[(d.id, stat)] = param_key(d.name, stat) if name_of else layer_key(d.kind, d.name, stat)
+                out[(d.id, stat)] = param_key(d.name, stat) if name_of else layer_key(kinds[d.id], d.name, stat)
     return Budget(layer_keys, param_keys, dropped)
 
 

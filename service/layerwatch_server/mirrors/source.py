@@ -115,9 +115,11 @@ def pending_runs(engine: Engine, limit: int, run_id: str | None = None) -> list[
 def series_defs(engine: Engine, run_id: str) -> tuple[list[SeriesDef], list[SeriesDef]]:
     with engine.connect() as conn:
         layers = [
-            SeriesDef(i, idx, n, k, int(u or 0))
-            for i, idx, n, k, u in conn.execute(
-                select(Layer.id, Layer.index, Layer.name, Layer.kind, Layer.units).where(Layer.run_id == run_id)
+            SeriesDef(i, idx, n, k, int(u or 0), t)
+            for i, idx, n, k, u, t in conn.execute(
+                select(Layer.id, Layer.index, Layer.name, Layer.kind, Layer.units, Layer.type).where(
+                    Layer.run_id == run_id
+                )
             )
         ]
         params = [

@@ -2,6 +2,11 @@
 
 Mirrors ``layerwatch.wire`` (version 1). Statistic values are floats, NaN and +/-Inf included (they are
 the signal), or null. JSON requests may use the literals NaN/Infinity/-Infinity.
+
+Everything a database would refuse is refused here, with a 422 that names the field: a batch that cannot
+be stored must never look like an outage (a 503 is retried, and a client sends its batches in order, so one
+such batch would hold back every later one). Hence no NUL character in any string (PostgreSQL text cannot
+hold one), and a run ``config`` of bounded depth and size (its JSON is written by recursive code).
 """
 
 from __future__ import annotations
@@ -10,19 +15,41 @@ import math
 import operator
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from layerwatch import wire
+from layerwatch_server.storage.base import json_serializer
 
-Name = Annotated[str, Field(min_length=1, max_length=500)]
+MAX_STEPS = 10_000
+# Layers in one batch, and layers a run may have over its life (the same for parameters): well above real
+# models (a 70B-parameter transformer has about a thousand modules). With MAX_ROWS (layer and parameter rows
+# in one batch; a client report carries one row per layer and parameter) this bounds how long one batch holds
+# the SQLite writer: about half a second at the limit (bench/wide_batch.py).
+MAX_SERIES = 20_000
+MAX_ROWS = 100_000
+MAX_CONFIG_DEPTH = 32
+MAX_CONFIG_BYTES = 256 * 1024  # as JSON
+
+
+def _storable_text(text: str) -> str:
+    if "\x00" in text:
+        raise ValueError("contains a NUL character (U+0000), which no database column can store")
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            raise ValueError("is not valid Unicode (a lone surrogate)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_storable_text)]
+Name = Annotated[Text, Field(min_length=1, max_length=500)]
 Value = float | None
 NonNegInt = Annotated[int, Field(ge=0, le=2**62)]
 Index = Annotated[int, Field(ge=0, le=2**31 - 1)]
 Dims = Annotated[list[Annotated[int, Field(ge=-1, le=2**62)]], Field(max_length=16)]
 Row = Annotated[list[Value], Field(min_length=1, max_length=64)]
 
-MAX_STEPS = 10_000
-MAX_SERIES = 100_000
 _FIRST = operator.itemgetter(0)
 
 
@@ -32,17 +59,24 @@ class _Wire(BaseModel):
 
 
 class RunIn(_Wire):
-    key: Annotated[str, Field(min_length=1, max_length=200)]
-    name: Annotated[str, Field(max_length=200)] = ""
+    key: Annotated[Text, Field(min_length=1, max_length=200)]
+    name: Annotated[Text, Field(max_length=200)] = ""
     project: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.\-]+$")]
     world_size: Annotated[int, Field(ge=1, le=1_000_000)] = 1
     config: dict[str, Any] | None = None
+
+    @field_validator("config")
+    @classmethod
+    def _storable(cls, config: dict[str, Any] | None) -> dict[str, Any] | None:
+        if config is not None:
+            check_config(config)
+        return config
 
 
 class LayerIn(_Wire):
     index: Index
     name: Name
-    type: Annotated[str, Field(max_length=200)] = ""
+    type: Annotated[Text, Field(max_length=200)] = ""
     kind: Literal[wire.KINDS] = wire.KIND_OTHER  # type: ignore[valid-type]
     shape: Dims = []
     units: NonNegInt = 0
@@ -61,7 +95,7 @@ class StepIn(_Wire):
     loss: Value = None
     lr: Value = None
     grad_norm_total: Value = None
-    scalars: Annotated[dict[Annotated[str, Field(max_length=200)], float], Field(max_length=256)] = {}
+    scalars: Annotated[dict[Annotated[Text, Field(max_length=200)], float], Field(max_length=256)] = {}
     layers: Annotated[list[Row], Field(max_length=MAX_SERIES)] = Field(
         [], description="[[layer_index, *values in layer_stats order], ...]"
     )
@@ -74,7 +108,7 @@ class NonfiniteOrigin(_Wire):
     model_config = ConfigDict(populate_by_name=True)
     step: NonNegInt
     pass_: Literal[wire.PASSES] = Field(alias="pass")  # type: ignore[valid-type]
-    layer: str | None = None
+    layer: Annotated[Text, Field(max_length=500)] | None = None
     rank: Index = 0
 
 
@@ -93,7 +127,7 @@ class Batch(_Wire):
     v: Literal[1] = Field(description=f"Wire version; this collector reads {wire.VERSION}.")
     run: RunIn
     rank: Index = 0
-    host: Annotated[str, Field(max_length=255)] = ""
+    host: Annotated[Text, Field(max_length=255)] = ""
     pid: Index = 0
     seq: NonNegInt = 0
     layers: Annotated[list[LayerIn], Field(max_length=MAX_SERIES)] = []
@@ -113,6 +147,11 @@ class Batch(_Wire):
         _check_names("param_stats", self.param_stats, wire.PARAM_STATS)
         layer_idx = _check_defs("layers", self.layers)
         param_idx = _check_defs("params", self.params)
+        rows = sum(len(step.layers) + len(step.params) for step in self.steps)
+        if rows > MAX_ROWS:
+            raise ValueError(
+                f"steps: {rows} layer and parameter rows in one batch, more than {MAX_ROWS}; send fewer steps per batch"
+            )
         seen: set[int] = set()
         for i, step in enumerate(self.steps):
             if step.step in seen:
@@ -156,3 +195,25 @@ def _check_rows(field: str, rows: list[list[Value]], indices: set[int], n_values
         seen.add(index)
         if len(row) != n_values + 1:
             raise ValueError(f"{field}[{j}]: expected {n_values + 1} values (index + stats), got {len(row)}")
+
+
+def check_config(config: dict[str, Any]) -> None:
+    """Refuse a config nested deeper than MAX_CONFIG_DEPTH, larger than MAX_CONFIG_BYTES as JSON, or holding
+    a NUL. The walk is iterative: the point is to refuse what recursive code would choke on."""
+    todo: list[tuple[Any, int]] = [(config, 1)]
+    while todo:
+        value, depth = todo.pop()
+        if isinstance(value, dict):
+            items = [*value.keys(), *value.values()]
+        elif isinstance(value, list):
+            items = value
+        else:
+            if isinstance(value, str):
+                _storable_text(value)
+            continue
+        if depth > MAX_CONFIG_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_CONFIG_DEPTH} levels")
+        todo.extend((item, depth + 1) for item in items)
+    size = len(json_serializer(config).encode())
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{size} bytes as JSON, more than the {MAX_CONFIG_BYTES} allowed")

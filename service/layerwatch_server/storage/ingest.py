@@ -13,6 +13,7 @@ takes) is held only for the last statement before the commit.
 
 from __future__ import annotations
 
+import json
 import logging
 import operator
 import secrets
@@ -25,7 +26,7 @@ from typing import Any
 from sqlalchemy import BigInteger, Connection, Engine, String, Table, bindparam, select, text, update
 
 from layerwatch import wire
-from layerwatch_server.core.batch import Batch, LayerIn, ParamIn
+from layerwatch_server.core.batch import MAX_SERIES, Batch, LayerIn, ParamIn
 from layerwatch_server.storage.base import LRU, UTCDateTime, dialect_insert, json_serializer, sqlite_float, utcnow
 from layerwatch_server.storage.engine import writer
 from layerwatch_server.storage.models import (
@@ -44,6 +45,10 @@ log = logging.getLogger("layerwatch_server.storage")
 
 class StoreBusy(Exception):
     """The database could not take the write in time; the client should retry later (503)."""
+
+
+class TooManySeries(ValueError):
+    """A batch that would take a run past MAX_SERIES layers or parameters (422: resending cannot help)."""
 
 
 @dataclass
@@ -183,19 +188,32 @@ class Ingestor:
         defs: list[LayerIn] | list[ParamIn],
         learned: list[tuple[LRU, Any, Any]],
     ) -> dict[int, int]:
-        """Batch index -> stable DB id, by name (wire indices are only valid inside one batch)."""
+        """Batch index -> stable DB id, by name (wire indices are only valid inside one batch).
+
+        New names go in with one statement whatever their number (a statement per row cost ~1 ms each: a
+        batch of 100k new layers held the SQLite writer for minutes)."""
         if not defs:
             return {}
+        model = Layer if kind == "layer" else Param
         with self._cache_lock:
-            known = dict(self._series.get((run_id, kind)) or {})
+            known = self._series.get((run_id, kind))
+        if known is None:  # first batch of this run since start (or evicted): what the run already has
+            known = dict(conn.execute(select(model.name, model.id).where(model.run_id == run_id)).all())
+        else:
+            known = dict(known)
         missing = sorted((d for d in defs if d.name not in known), key=lambda d: d.name)
         if missing:
-            model = Layer if kind == "layer" else Param
-            rows = [{"run_id": run_id, **d.model_dump()} for d in missing]
-            for i in range(0, len(rows), _CLAIM_CHUNK):
-                conn.execute(dialect_insert(conn, model).values(rows[i : i + _CLAIM_CHUNK]).on_conflict_do_nothing())
-            known.update({n: i for n, i in conn.execute(select(model.name, model.id).where(model.run_id == run_id))})
-            learned.append((self._series, (run_id, kind), known))
+            if len(known) + len(missing) > MAX_SERIES:
+                raise TooManySeries(
+                    f"{kind}s: this batch would give run {run_id} {len(known) + len(missing)} {kind}s; "
+                    f"a run may have at most {MAX_SERIES}"
+                )
+            rows = json.dumps([d.model_dump() for d in missing])  # names, ints: nothing non-finite to convert
+            sql = _REGISTER_PG[kind] if self.pg else _REGISTER_SQLITE[kind]
+            known.update(conn.exec_driver_sql(sql, (run_id, rows)).all())
+            if any(d.name not in known for d in missing):  # another replica registered some meanwhile
+                known.update(conn.execute(select(model.name, model.id).where(model.run_id == run_id)).all())
+        learned.append((self._series, (run_id, kind), known))
         return {d.index: known[d.name] for d in defs}
 
     def _bulk(
@@ -295,3 +313,43 @@ _TOUCH_RUN = text(
     bindparam("hi", type_=BigInteger()),
     bindparam("end", type_=String()),
 )
+
+
+# New series of a batch in one statement, from one JSON array of their definitions; RETURNING gives the ids of
+# those inserted (a name another replica registered meanwhile is not returned, and is read back instead).
+_SERIES_COLUMNS = {
+    "layer": ("index", "name", "type", "kind", "shape", "units"),
+    "param": ("index", "name", "shape", "numel"),
+}
+_PG_TYPES = {
+    "index": "integer",
+    "name": "text",
+    "type": "text",
+    "kind": "text",
+    "shape": "json",
+    "units": "bigint",
+    "numel": "bigint",
+}
+
+
+def _register_sqlite(table: str, cols: tuple[str, ...]) -> str:
+    picks = ", ".join(f"json_extract(value, '$.{c}')" for c in cols)
+    names = ", ".join(f'"{c}"' for c in cols)
+    # WHERE true: without it SQLite would read ON CONFLICT as a join constraint of the SELECT
+    return (
+        f"INSERT INTO {table} (run_id, {names}) SELECT ?, {picks} FROM json_each(?) WHERE true "
+        "ON CONFLICT DO NOTHING RETURNING name, id"
+    )
+
+
+def _register_pg(table: str, cols: tuple[str, ...]) -> str:
+    names = ", ".join(f'"{c}"' for c in cols)
+    typed = ", ".join(f'"{c}" {_PG_TYPES[c]}' for c in cols)
+    return (
+        f"INSERT INTO {table} (run_id, {names}) SELECT %s, {names} FROM json_to_recordset(%s::json) AS r({typed}) "
+        "ON CONFLICT DO NOTHING RETURNING name, id"
+    )
+
+
+_REGISTER_SQLITE = {kind: _register_sqlite(f"{kind}s", cols) for kind, cols in _SERIES_COLUMNS.items()}
+_REGISTER_PG = {kind: _register_pg(f"{kind}s", cols) for kind, cols in _SERIES_COLUMNS.items()}

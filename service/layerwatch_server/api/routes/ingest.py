@@ -11,10 +11,11 @@ from fastapi.responses import JSONResponse
 
 from layerwatch import wire
 from layerwatch_server.api.deps import GrantDep, StateDep, authorize
-from layerwatch_server.api.errors import PayloadTooLarge, UnsupportedMedia
+from layerwatch_server.api.errors import PayloadTooLarge, Unstorable, UnsupportedMedia
 from layerwatch_server.api.schemas import IngestResponse, Problem
 from layerwatch_server.core.batch import Batch
 from layerwatch_server.core.state import AppState
+from layerwatch_server.storage.ingest import TooManySeries
 from layerwatch_server.storage.tokens import Grant
 
 log = logging.getLogger("layerwatch_server")
@@ -81,7 +82,13 @@ async def _read_body(request: Request, limit: int) -> bytes:
 def _ingest(state: AppState, grant: Grant | None, body: bytes, media: str, encoding: str | None) -> dict[str, Any]:
     batch = Batch.model_validate(wire.decode(body, media, encoding))
     authorize(grant, batch.run.project, "write")
-    res = state.ingestor.write(batch)
+    try:
+        res = state.ingestor.write(batch)
+    except TooManySeries:
+        raise
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # a value the driver could not send
+        log.info("batch could not be stored: %r", exc)
+        raise Unstorable(f"batch could not be stored ({type(exc).__name__}: {exc}); nothing was written") from exc
     accepted = {
         "steps": res.steps,
         "duplicates": res.duplicates,

@@ -5,15 +5,25 @@ from __future__ import annotations
 import gc
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
-from pydantic import ValidationError
 
-from layerwatch_server.core.config import ConfigError, Settings, load_settings
-from layerwatch_server.storage import migrations, tokens
-from layerwatch_server.storage.engine import make_engine
-from layerwatch_server.storage.models import ALL_PROJECTS, SCOPES
+try:
+    from pydantic import ValidationError
+
+    from layerwatch_server.core.config import ConfigError, Settings, load_settings
+    from layerwatch_server.storage import migrations, tokens
+    from layerwatch_server.storage.engine import make_engine
+    from layerwatch_server.storage.models import ALL_PROJECTS, SCOPES
+except ModuleNotFoundError as exc:  # `pip install layerwatch` installs this command, not what it needs
+    if (exc.name or "").split(".")[0] in ("layerwatch", "layerwatch_server"):
+        raise
+    sys.exit(
+        f"layerwatch-server: the collector needs packages the client install leaves out ({exc.name} is missing); "
+        "install them with: pip install 'layerwatch[server]'"
+    )
 
 log = logging.getLogger("layerwatch_server")
 
@@ -42,6 +52,25 @@ def _shown(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
         return url.split("@")[-1] if "@" in url else url
+
+
+def _existing_database(settings: Settings) -> None:
+    """Refuse a SQLite file that is not there (or empty) before opening it, which would create it: a command
+    run outside the folder that holds ``layerwatch-data/`` must say where it looked, not leave a file behind."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(settings.db_url)
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return
+    path = Path(url.database).resolve()
+    if path.is_file() and path.stat().st_size > 0:
+        return
+    where = " (the default, relative to this folder)" if settings.is_default_db else ""
+    raise click.ClickException(
+        f"no layerwatch database at {path}{where}. Run this in the folder where `layerwatch-server serve` runs "
+        "(it keeps layerwatch-data/ there), or name the database: --db sqlite:////full/path/to/layerwatch.db "
+        "or LAYERWATCH_DB_URL (postgresql+psycopg://... for PostgreSQL)"
+    )
 
 
 @click.group()
@@ -88,7 +117,7 @@ def serve(**flags: Any) -> None:
         "layerwatch collector: database %s (schema at head), MLflow mirror %s, auth %s; listening on http://%s:%s",
         _shown(settings.db_url),
         _shown(settings.mlflow_uri) if settings.mlflow_uri else "off",
-        "off" if settings.no_auth else "tokens",
+        "off" if settings.no_auth else "tokens (`layerwatch-server token create --project P --scope write|read`)",
         settings.host,
         settings.port,
     )
@@ -138,6 +167,7 @@ def backfill_mlflow(run_id: str, **flags: Any) -> None:
     mirror = from_settings(settings)
     if mirror is None:
         raise click.ClickException("MLflow mirroring is off; pass --mlflow-tracking-uri")
+    _existing_database(settings)
     engine = make_engine(settings.db_url)
     try:
         last = mirror.backfill(engine, run_id)
@@ -159,8 +189,12 @@ def token() -> None:
 @_db
 @_config
 def token_create(project: str, scope: str, **flags: Any) -> None:
-    """Create a token and print it once (only its SHA-256 is stored)."""
+    """Create a token and print it once (only its SHA-256 is stored).
+
+    The token alone goes to stdout: ``export LAYERWATCH_TOKEN=$(layerwatch-server token create ...)``.
+    """
     settings = _settings(**flags)
+    _existing_database(settings)
     engine = make_engine(settings.db_url)
     try:
         problem = migrations.schema_problem(engine, settings.db_url)
@@ -182,6 +216,7 @@ def token_create(project: str, scope: str, **flags: Any) -> None:
 def token_revoke(value: str, **flags: Any) -> None:
     """Revoke a token (servers forget it within LAYERWATCH_TOKEN_CACHE_S seconds)."""
     settings = _settings(**flags)
+    _existing_database(settings)
     engine = make_engine(settings.db_url)
     try:
         if not tokens.revoke_token(engine, value):

@@ -12,7 +12,6 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from layerwatch import spool, transport
+from layerwatch import delivery, spool, transport
 
 console = Console(stderr=True)
 out = Console()
@@ -51,62 +50,104 @@ def main() -> None:
 @token_option
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds per request.")
 @click.option("--retries", default=8, show_default=True, help="Attempts per batch on retryable errors.")
-def sync(directory: Path, url: str, token: str | None, timeout: float, retries: int) -> None:
+@click.option("--rejected", "resend_rejected", is_flag=True, help="Also resend the batches set aside in rejected/.")
+def sync(directory: Path, url: str, token: str | None, timeout: float, retries: int, resend_rejected: bool) -> None:
     """Upload the spooled batches under DIRECTORY (an offline run, or what a run left behind), in order.
 
-    Uploading twice is harmless: the collector ignores steps it already has.
+    Uploading twice is harmless: the collector ignores steps it already has. Batches the collector refuses
+    as malformed are set aside in rejected/ (listed here; --rejected resends them) and the rest go on.
+    Exits 1 when anything was not delivered.
     """
-    dirs = sorted({seg.parent for seg in directory.rglob(f"*{spool.SUFFIX}") if seg.parent.name != "rejected"})
-    if not dirs:
-        console.print(f"[yellow]No spooled batches under {directory}.[/]")
+    spools = spool.spools_under(directory)
+    rejected = [d for d in sorted(directory.rglob(spool.REJECTED)) if spool.pending_records(d)]
+    if not spools and not rejected:
+        console.print(f"[yellow]No spooled batches under {escape(str(directory))}.[/]")
         return
-    sent = failed = 0
-    total = sum(spool.pending_records(d) for d in dirs)
-    with console.status(f"Uploading {total} batches from {len(dirs)} spool(s) to {url} ...") as status:
-        for d in dirs:
-            queue = spool.Spool(d, max_bytes=1 << 62)
-            while (head := queue.head()) is not None:
-                segment, offset, payload = head
-                result = _deliver(
-                    url,
-                    payload,
-                    token,
-                    timeout,
-                    retries,
-                    lambda error, wait, done=sent: status.update(
-                        f"Uploading batches to {url} ... {done}/{total} ({error}; retrying in {wait:.0f} s)"
-                    ),
-                )
-                if not result.ok:
-                    failed += 1
-                    console.print(f"[red]{d}: {result.error}[/] - stopping here; run sync again to resume.")
+    upload = _Upload(transport.HttpTransport(url, token, timeout), url, retries)
+    with console.status(f"Uploading batches from {len(spools)} spool(s) to {url} ...") as upload.status:
+        for d in spools:
+            if not upload.drain(spool.Spool(d, max_bytes=1 << 62)):
+                break
+        if resend_rejected and not upload.stopped:
+            for d in rejected:
+                if not upload.drain(spool.Spool(d, max_bytes=1 << 62), again=spool.pending_records(d)):
                     break
-                queue.ack(segment, offset)
-                sent += 1
-                status.update(f"Uploading batches to {url} ... {sent}/{total}")
-    console.print(f"[green]Uploaded {sent} batch(es)[/] from {len(dirs)} spool(s)." if sent else "Nothing uploaded.")
-    if failed:
+    still_rejected = [(d, n) for d in sorted(directory.rglob(spool.REJECTED)) if (n := spool.pending_records(d))]
+    for d, n in still_rejected:
+        reasons = list(dict.fromkeys(reversed(spool.rejected_reasons(d))))[:3]
+        console.print(
+            f"[yellow]{n} batch(es) set aside in {escape(str(d))}[/] "
+            f"(the collector refused them: {escape('; '.join(reasons) or '?')}). "
+            f"Resend with `layerwatch sync {escape(str(directory))} --rejected` once the collector takes them."
+        )
+    console.print(f"[green]Uploaded {upload.sent} batch(es)[/]." if upload.sent else "Nothing uploaded.")
+    if upload.failed or upload.corrupt or still_rejected:
         sys.exit(1)
 
 
-def _deliver(
-    url: str,
-    payload: bytes,
-    token: str | None,
-    timeout: float,
-    retries: int,
-    on_retry: Callable[[str, float], None] | None = None,
-) -> transport.Delivery:
-    result = transport.post_batch(url, payload, token, timeout)
-    attempt = 0
-    while not result.ok and result.retryable and attempt < retries:
-        wait = transport.backoff(attempt, result.retry_after)
-        if on_retry is not None:
-            on_retry(str(result.error), wait)
-        time.sleep(wait)
-        attempt += 1
-        result = transport.post_batch(url, payload, token, timeout)
-    return result
+class _Upload:
+    """One `layerwatch sync`: spools drained in order through the shared retry loop, outcomes tallied."""
+
+    def __init__(self, sender: transport.Transport, url: str, retries: int) -> None:
+        self.sender, self.url, self.retries = sender, url, retries
+        self.status: Any = None
+        self.sent = self.failed = self.corrupt = 0
+        self.stopped = False
+
+    def drain(self, queue: spool.Spool, again: int | None = None) -> bool:
+        """Deliver ``queue`` head first; ``again``: resend that many set-aside batches. False: stop syncing."""
+        done, where = 0, str(queue.directory)
+        try:
+            while (again is None or done < again) and (head := queue.head()) is not None:
+                segment, offset, payload = head
+                outcome, result = delivery.deliver(
+                    self.sender, payload, self._wait, attempts=self.retries + 1, max_backoff=30.0
+                )
+                if outcome is delivery.Outcome.RETRY:
+                    self.failed += 1
+                    console.print(f"[red]{escape(where)}: {escape(result.error)}[/] - stopped here; sync again later.")
+                    return True
+                if outcome is delivery.Outcome.KEEP:
+                    self.failed += 1
+                    self.stopped = True
+                    console.print(f"[red]{escape(result.error)}[/]: check --url and --token; nothing more is sent.")
+                    return False
+                if outcome is delivery.Outcome.POISON:
+                    console.print(f"[yellow]{escape(where)}: the collector refused a batch ({escape(result.error)})[/]")
+                    if again is None:
+                        queue.set_aside(payload, result.error)
+                    elif not _keep_rejected(queue, payload, result.error):
+                        return True  # it stays where it was
+                else:
+                    self.sent += 1
+                queue.ack(segment, offset)
+                done += 1
+                self.status.update(f"Uploading batches to {self.url} ... {self.sent} sent")
+            return True
+        finally:
+            for span in queue.corrupt:
+                self.corrupt += 1
+                console.print(
+                    f"[red]{escape(str(span.segment))}: {span.end - span.offset} unreadable bytes at byte "
+                    f"{span.offset}[/] skipped (kept in {escape(str(queue.directory / spool.CORRUPT))}); "
+                    "the records around them were read."
+                )
+
+    def _wait(self, seconds: float, result: transport.Delivery) -> bool:
+        self.status.update(f"Uploading to {self.url} ... {self.sent} sent ({result.error}; retry in {seconds:.0f} s)")
+        time.sleep(seconds)
+        return True
+
+
+def _keep_rejected(queue: spool.Spool, payload: bytes, reason: str) -> bool:
+    """A set-aside batch refused again goes back to the end of its rejected/ folder, with the new reason."""
+    try:
+        kept = queue.append(payload)
+        with open(queue.directory / spool.REASONS, "a") as f:
+            f.write(json.dumps({"time": time.time(), "reason": reason, "bytes": len(payload)}) + "\n")
+        return kept
+    except OSError:
+        return False
 
 
 # -- reading a collector ------------------------------------------------------------------------------------

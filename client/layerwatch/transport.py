@@ -1,7 +1,8 @@
-"""HTTP delivery of encoded batches: one POST, classified so the caller knows whether to retry.
+"""HTTP delivery of encoded batches: one POST, its outcome described, no policy.
 
-Retried: connection errors, timeouts, 429, 502, 503, 504 (honouring Retry-After). Not retried: every
-other status, which is the collector saying the batch or the credentials are wrong.
+What to do with an outcome (retry, keep, set aside) is :mod:`layerwatch.delivery`'s table. The exporter and
+``layerwatch sync`` talk to a :class:`Transport`, so a test can put its own in place of HTTP where the
+network is not the point.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ import random
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Protocol
 
 from layerwatch import wire
 
-RETRYABLE_STATUSES = frozenset({429, 502, 503, 504})
 INGEST_PATH = "/api/v1/ingest"
 
 
@@ -25,11 +26,28 @@ class Delivery:
     """The outcome of one attempt."""
 
     ok: bool
-    retryable: bool
     status: int | None = None  # None: no HTTP answer (connection refused, timeout)
     retry_after: float | None = None
     body: dict[str, Any] | None = None
     error: str = ""
+
+
+class Transport(Protocol):
+    """Where batches go: one call per attempt, never raising (a failure is a :class:`Delivery`)."""
+
+    def post_batch(self, payload: bytes) -> Delivery: ...
+
+
+@dataclass(frozen=True)
+class HttpTransport:
+    """The collector's ingest endpoint over HTTP(S)."""
+
+    url: str
+    token: str | None = None
+    timeout: float = 10.0
+
+    def post_batch(self, payload: bytes) -> Delivery:
+        return post_batch(self.url, payload, self.token, self.timeout)
 
 
 def post_batch(url: str, payload: bytes, token: str | None, timeout: float) -> Delivery:
@@ -47,21 +65,20 @@ def post_batch(url: str, payload: bytes, token: str | None, timeout: float) -> D
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return Delivery(ok=True, retryable=False, status=response.status, body=_json(response.read()))
+            return Delivery(ok=True, status=response.status, body=_json(response.read()))
     except urllib.error.HTTPError as exc:
         body = _json(exc.read())
         detail = body.get("detail") if isinstance(body, dict) else None
         return Delivery(
             ok=False,
-            retryable=exc.code in RETRYABLE_STATUSES,
             status=exc.code,
             retry_after=_retry_after(exc.headers.get("Retry-After")),
             body=body,
             error=f"HTTP {exc.code}: {detail or exc.reason}",
         )
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+    except (urllib.error.URLError, OSError, TimeoutError, ValueError) as exc:  # ValueError: a malformed URL
         reason = getattr(exc, "reason", exc)
-        return Delivery(ok=False, retryable=True, error=f"cannot reach {url}: {reason}")
+        return Delivery(ok=False, error=f"cannot reach {url}: {reason}")
 
 
 def backoff(attempt: int, retry_after: float | None, base: float = 0.5, cap: float = 30.0) -> float:
@@ -78,8 +95,6 @@ def _retry_after(value: str | None) -> float | None:
     except ValueError:
         pass
     try:
-        from datetime import datetime, timezone
-
         return max((parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds(), 0.0)
     except (TypeError, ValueError):
         return None

@@ -1,5 +1,6 @@
 """A real HTTP server standing in for the collector in client tests: it decodes batches with the wire module
-and can be switched between healthy, overloaded (503 + Retry-After), slow, refusing (401) and down.
+and can be switched between healthy, overloaded (503 + Retry-After), slow, refusing (401), answering any status
+(``mode = "status"``, ``status = 500``), refusing chosen batches as malformed (``poison``) and down.
 (The real collector has its own end-to-end tests; this one lets a test script outages deterministically.)"""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import json
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -17,12 +19,15 @@ from layerwatch import wire
 
 class FakeCollector:
     def __init__(self, port: int = 0) -> None:
-        self.mode = "ok"  # ok | busy | slow | unauthorized | reject
+        self.mode = "ok"  # ok | busy | slow | unauthorized | reject | status
+        self.status = 500  # what mode "status" answers
+        self.poison: Callable[[dict[str, Any]], bool] | None = None  # batches answered 422 in mode "ok"
         self.slow_seconds = 0.0
         self.batches: list[dict[str, Any]] = []
         self.received: Counter = Counter()  # (run key, rank, step) -> times received
         self.alerts: list[dict[str, Any]] = []
         self.requests = 0
+        self.refused = 0  # batches answered 422 by `poison`
         self._lock = threading.Lock()
         collector = self
 
@@ -41,7 +46,13 @@ class FakeCollector:
                     return self._answer(401, b'{"detail": "invalid token"}')
                 if mode == "reject":
                     return self._answer(422, b'{"detail": "steps.0.step: not an integer"}')
+                if mode == "status":
+                    return self._answer(collector.status, b'{"detail": "scripted answer"}')
                 batch = wire.decode(body, self.headers["Content-Type"], self.headers.get("Content-Encoding"))
+                if collector.poison is not None and collector.poison(batch):
+                    with collector._lock:
+                        collector.refused += 1
+                    return self._answer(422, b'{"detail": "run.config: nested too deep"}')
                 if mode == "slow":
                     time.sleep(collector.slow_seconds)
                 with collector._lock:

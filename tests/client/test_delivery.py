@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
+import pytest
 import torch
 from click.testing import CliRunner
 from torch import nn
@@ -112,6 +113,47 @@ def test_a_rejected_batch_is_kept_aside_and_counted(collector, tmp_path):
     model = nn.Sequential(nn.Linear(4, 4))
     mon = layerwatch.watch(model, url=collector.url, every=2)
     train(mon, model, 4)
-    assert wait_for(lambda: mon.stats["dropped_reports"] >= 1)
+    assert wait_for(lambda: mon.stats["rejected_batches"] >= 1)
     mon.close()
     assert list((mon.spool_dir / "rejected").glob("*.lws"))
+    assert mon.stats["rejected_batches"] == 3 and mon.stats["dropped_reports"] == 0  # refused, not dropped
+
+
+def test_a_poison_batch_does_not_block_the_batches_behind_it(collector, tmp_path):
+    collector.poison = lambda batch: batch["seq"] == 1  # e.g. a config the database cannot store
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    mon = layerwatch.watch(model, url=collector.url, every=2)
+    train(mon, model, 20)
+    mon.close()
+    assert collector.refused == 1 and mon.stats["rejected_batches"] == 1
+    assert collector.steps() == expected(mon, 20) - {(mon.run_key, 0, 2), (mon.run_key, 0, 3)}
+    assert collector.batches[-1]["dropped"]["rejected"] == 1  # the count reaches the collector
+
+    listed = CliRunner().invoke(cli, ["sync", str(tmp_path / "spool"), "--url", collector.url])
+    assert listed.exit_code == 1  # something was not delivered
+    assert "1 batch(es) set aside" in listed.output and "nested too deep" in listed.output
+    again = CliRunner().invoke(cli, ["sync", str(tmp_path / "spool"), "--url", collector.url, "--rejected"])
+    assert again.exit_code == 1 and "1 batch(es) set aside" in again.output  # still refused: still kept
+    collector.poison = None  # the collector was fixed
+    fixed = CliRunner().invoke(cli, ["sync", str(tmp_path / "spool"), "--url", collector.url, "--rejected"])
+    assert fixed.exit_code == 0, fixed.output
+    assert collector.steps() == expected(mon, 20)
+
+
+@pytest.mark.parametrize("status", [500, 404])
+def test_a_collector_failing_forever_leaves_everything_to_sync(collector, tmp_path, status):
+    """500: retried until close(), then spooled; 404 (a wrong URL): kept at once. Nothing is set aside."""
+    collector.mode, collector.status = "status", status
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    mon = layerwatch.watch(model, url=collector.url, every=2, max_backoff=0.1, flush_timeout=0.5)
+    train(mon, model, 10)
+    mon.close()
+    assert not (mon.spool_dir / "rejected").exists()
+    assert mon.stats["rejected_batches"] == 0 and mon.stats["spooled_bytes"] > 0
+    failed = CliRunner().invoke(cli, ["sync", str(tmp_path / "spool"), "--url", collector.url, "--retries", "1"])
+    assert failed.exit_code == 1 and f"HTTP {status}" in failed.output
+    assert "No spooled batches" not in failed.output
+    collector.mode = "ok"
+    result = CliRunner().invoke(cli, ["sync", str(tmp_path / "spool"), "--url", collector.url])
+    assert result.exit_code == 0, result.output
+    assert collector.steps() == expected(mon, 10)

@@ -1,0 +1,91 @@
+"""Reports become wire batches: the part of exporting that knows the batch layout and nothing of delivery.
+
+A builder belongs to one rank of one run and is used from one thread (the exporter's): it numbers the
+batches (``seq``), sends the run's config only in the first, remembers weight norms between reports (for
+``update_ratio``) and names the first NaN/Inf once. A built batch waits as :class:`Packed`: packed
+except for its ``dropped`` counts, filled in when it leaves memory, so that what the collector reads
+includes what happened while the batch waited (a refusal, a drop).
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from layerwatch import wire
+from layerwatch.report import Report, first_nonfinite, translate, uncounted_nonfinite
+
+
+class BatchBuilder:
+    def __init__(
+        self,
+        header: dict[str, Any],
+        params: list[dict[str, Any]],
+        on_uncounted_nonfinite: Callable[[], None] | None = None,
+    ) -> None:
+        self.header = header  # run, rank, host, pid: the same in every batch
+        self.params = params  # the parameter registry, in every batch
+        self.param_names = [p["name"] for p in params]
+        self.on_uncounted_nonfinite = on_uncounted_nonfinite  # a NaN/Inf seen in a sum, not yet counted
+        self._seq = 0
+        self._origin_sent = False
+        self._weight_norms: dict[int, float] = {}
+
+    def build(self, report: Report) -> Packed:
+        """The batch for ``report``, all but its ``dropped`` field."""
+        if report.ready is not None:
+            report.ready.synchronize()  # waits here, on the exporter's thread, never on the training thread
+        values = report.flat.tolist() if report.flat is not None else []
+        steps = translate(report, values, self._weight_norms)
+        if self.on_uncounted_nonfinite is not None and uncounted_nonfinite(steps):
+            self.on_uncounted_nonfinite()
+            self.on_uncounted_nonfinite = None  # once: counting stays on for the rest of the run
+        batch = {"v": wire.VERSION, **self.header, "seq": self._seq}
+        if self._seq > 0:
+            batch["run"] = {k: v for k, v in batch["run"].items() if k != "config"}
+        self._seq += 1
+        origin = None
+        if not self._origin_sent:
+            names = [layer["name"] for layer in report.layers]
+            origin = first_nonfinite(steps, names, self.param_names, self.header["rank"])
+            self._origin_sent = origin is not None
+        batch.update(
+            layers=report.layers,
+            params=self.params,
+            layer_stats=list(wire.LAYER_STATS),
+            param_stats=list(wire.PARAM_STATS),
+            steps=steps,
+            nonfinite_origin=origin,
+            end={"status": report.end} if report.end else None,
+        )
+        return Packed.of(batch)
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A batch as msgpack map entries without the map's header and its ``dropped`` entry."""
+
+    entries: bytes
+    count: int
+
+    @classmethod
+    def of(cls, batch: dict[str, Any]) -> Packed:
+        entries = b"".join(_pack(key) + _pack(value) for key, value in batch.items() if key != "dropped")
+        return cls(entries, sum(1 for key in batch if key != "dropped"))
+
+    def encode(self, dropped: dict[str, int]) -> bytes:
+        """What :func:`layerwatch.wire.encode` makes of the batch with these ``dropped`` counts."""
+        packer = msgpack.Packer(use_bin_type=True)
+        body = packer.pack_map_header(self.count + 1) + self.entries + _pack("dropped") + _pack(dropped)
+        return gzip.compress(body, compresslevel=1)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def _pack(value: Any) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)

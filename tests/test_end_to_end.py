@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -17,6 +16,7 @@ import layerwatch
 from layerwatch.cli import main as cli
 from tests.service.dbs import fresh_pg_database
 from tests.service.server import free_port, running_server
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.slow]
 
@@ -58,9 +58,7 @@ def test_training_run_survives_a_collector_restart_and_lands_exactly_once(db_url
             rules={"dead_units": {"threshold": 0.4}},  # the half-dead first ReLU fires; `show` lists it
         )
         train(mon, model, range(0, 30))
-        deadline = time.monotonic() + 20
-        while mon.stats["delivered_batches"] < 6 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: mon.stats["delivered_batches"] >= 6, 20, lambda: f"6 batches delivered: {mon.stats}")
     train(mon, model, range(30, 60))  # collector down: batches spool to disk
     with running_server(db_url, log_path=tmp_path / "b.log", args=("--no-auth",), port=port) as (base, _):
         train(mon, model, range(60, 80))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from torch import nn
 import layerwatch
 from layerwatch.cli import main as cli
 from tests.client.fake_collector import FakeCollector
+from tests.waiting import wait_until as wait_for
 
 
 def train(mon, model, steps: int, start: int = 0) -> None:
@@ -20,15 +20,6 @@ def train(mon, model, steps: int, start: int = 0) -> None:
         model(torch.randn(4, 4)).sum().backward()
         mon.step(loss=torch.tensor(float(step)))
         model.zero_grad()
-
-
-def wait_for(predicate, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def expected(mon, steps: int) -> set[tuple[str, int, int]]:

@@ -7,12 +7,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+
+from tests.waiting import wait_until
 
 
 def free_port() -> int:
@@ -23,18 +24,16 @@ def free_port() -> int:
 
 def wait_until_ready(proc: subprocess.Popen, url: str, log_path: Path, what: str, timeout: float = 30) -> None:
     """Poll ``url`` until it answers 200; fail with the tail of the process's log if it exits or times out."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def answers() -> bool:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
         try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
+            return httpx.get(url, timeout=1).status_code == 200
         except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not start: {log_path.read_text()[-2000:]}")
-        time.sleep(0.1)
+            return False
+
+    wait_until(answers, timeout, lambda: f"{what} to start: {log_path.read_text()[-2000:]}", interval=0.1)
 
 
 @contextmanager

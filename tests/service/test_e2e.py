@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -15,6 +14,7 @@ from sqlalchemy import func, select
 from layerwatch_server.storage.engine import make_engine
 from layerwatch_server.storage.migrations import upgrade
 from layerwatch_server.storage.models import JobTick, RuleState, layer_stats, step_stats
+from tests.waiting import wait_until
 
 from .batches import make_batch, post, unique
 from .dbs import fresh_pg_database
@@ -31,6 +31,19 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
         timeout=60,
         env=env,
     )
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _inflight(base: str) -> float:
+    """The collector's count of ingest requests in flight, from its /metrics."""
+    metrics = httpx.get(f"{base}/metrics", timeout=5).text
+    return float(re.search(r"^layerwatch_ingest_inflight (\S+)$", metrics, re.M).group(1))
 
 
 @pytest.fixture(scope="module")
@@ -87,14 +100,7 @@ def test_embedded_default_database_is_created(tmp_path):
         env={k: v for k, v in os.environ.items() if not k.startswith("LAYERWATCH_")},
     )
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        else:
-            pytest.fail("embedded server did not become ready")
+        wait_until(lambda: _answers(f"http://127.0.0.1:{port}/readyz"), 30, "the embedded server to be ready")
         assert (tmp_path / "layerwatch-data" / "layerwatch.db").exists()
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -144,7 +150,12 @@ def test_two_replicas_ingest_concurrently_and_share_the_scheduler(tmp_path):
 
             with ThreadPoolExecutor(16) as pool:
                 results = list(pool.map(send, jobs))
-            time.sleep(3.5)  # let a few scheduler ticks pass on both replicas
+
+            def contended() -> bool:  # a few ticks ran, and both replicas went for at least one of them
+                text = "".join(log.read_text() for log in logs)
+                return len(re.findall(r" ran replica=", text)) >= 2 and "skipped (claimed" in text
+
+            wait_until(contended, 30, "both replicas to contend for a scheduler tick")
         for r1, r2 in results:
             assert r1.status_code == 202 and r2.status_code == 202, (r1.text, r2.text)
             assert r1.json()["accepted"]["steps"] + r2.json()["accepted"]["steps"] == 10
@@ -178,7 +189,7 @@ def test_sigterm_lets_inflight_ingest_commit(pg_url, tmp_path):
     import threading
 
     upgrade(pg_url)
-    big = make_batch("sigterm", steps=range(200), n_layers=300, project="term")  # 60,000 layer rows
+    big = make_batch("sigterm", steps=range(160), n_layers=300, project="term")  # 48,000 layer rows
     result = {}
     with running_server(pg_url, log_path=tmp_path / "s.log", env={"LAYERWATCH_NO_AUTH": "1"}) as (base, proc):
 
@@ -188,17 +199,18 @@ def test_sigterm_lets_inflight_ingest_commit(pg_url, tmp_path):
 
         sender = threading.Thread(target=send)
         sender.start()
-        time.sleep(0.3)  # the request is being read or written
+        seen = wait_until(lambda: "in flight" if _inflight(base) >= 1 else not sender.is_alive() and "done", 30)
+        assert seen == "in flight", "the batch was stored before the test saw it in flight"
         proc.send_signal(signal.SIGTERM)
         sender.join(60)
         proc.wait(60)
     resp = result["resp"]
     assert resp.status_code == 202, resp.text
-    assert resp.json()["accepted"]["layer_rows"] == 60_000
+    assert resp.json()["accepted"]["layer_rows"] == 48_000
     engine = make_engine(pg_url)
     with engine.connect() as conn:
         run_rows = conn.scalar(
             select(func.count()).select_from(layer_stats).where(layer_stats.c.run_id == resp.json()["run_id"])
         )
     engine.dispose()
-    assert run_rows == 60_000
+    assert run_rows == 48_000

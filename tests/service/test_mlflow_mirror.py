@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import httpx
@@ -17,6 +16,7 @@ from layerwatch_server.mirrors import source
 from layerwatch_server.mirrors.mlflow_mirror import MirrorConfig, MlflowMirror
 from layerwatch_server.storage import migrations
 from layerwatch_server.storage.engine import make_engine
+from tests.waiting import wait_until
 
 from .batches import make_batch, post, unique
 from .mlflow_server import running_mlflow
@@ -141,13 +141,12 @@ def test_real_collector_mirrors_in_the_background(tmp_path, mlflow_url):
     server = running_server(db, log_path=tmp_path / "server.log", env=env, args=("--no-auth",))
     with server as (base, _), httpx.Client(base_url=base) as http:
         run_id = post(http, make_batch(unique("run"), steps=range(20), end="failed")).json()["run_id"]
-        for _ in range(100):
+
+        def mirrored_as_failed() -> str | None:
             ml_id = http.get(f"/api/v1/runs/{run_id}").json()["mlflow_run_id"]
-            if ml_id and _mlflow(mlflow_url).get_run(ml_id).info.status == "FAILED":
-                break
-            time.sleep(0.2)
-        else:
-            pytest.fail("run not mirrored within 20 s")
+            return ml_id if ml_id and _mlflow(mlflow_url).get_run(ml_id).info.status == "FAILED" else None
+
+        ml_id = wait_until(mirrored_as_failed, 30, "the run to be mirrored as FAILED")
     assert len(_mlflow(mlflow_url).get_metric_history(ml_id, "layerwatch/dead_frac_max")) == 20
 
 

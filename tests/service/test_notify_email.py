@@ -5,7 +5,6 @@ from __future__ import annotations
 import email
 import email.policy
 import math
-import time
 from typing import Any
 
 import pytest
@@ -14,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from layerwatch_server.app import create_app
 from layerwatch_server.core.config import Settings
+from tests.waiting import wait_until
 
 from .batches import make_batch, post, unique
 from .server import free_port
@@ -57,13 +57,6 @@ def _client(db_url, engine, tmp_path, port: int) -> TestClient:
     return TestClient(create_app(settings, engine))
 
 
-def _wait(cond, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def _dead_batch(key: str, project: str) -> dict[str, Any]:
     """Layer blocks.0.fc fully dead for 3 reports (dead_units, ``for: 3``), every count clean otherwise."""
     over: dict[tuple[int, int, str], float | None] = {(s, 0, "dead_frac"): 1.0 for s in range(3)}
@@ -78,7 +71,7 @@ def test_email_arrives_with_the_alert_context(db_url, engine, tmp_path, smtp):
     with _client(db_url, engine, tmp_path, smtp.port) as client:
         body = post(client, _dead_batch(key, project)).json()
         alert = next(a for a in body["alerts"] if a["rule"] == "dead_units" and a["layer"] == "blocks.0.fc")
-        _wait(lambda: any(alert["id"] in m["Message-ID"] for _, _, m in smtp.messages))
+        wait_until(lambda: any(alert["id"] in m["Message-ID"] for _, _, m in smtp.messages))
         note = client.get(f"/api/v1/alerts/{alert['id']}").json()["notifications"]
     sender, rcpts, msg = next(x for x in smtp.messages if alert["id"] in x[2]["Message-ID"])
     assert sender == "lw@test.local" and rcpts == ["oncall@test.local", "ml@test.local"]
@@ -98,7 +91,7 @@ def test_email_nan_alert_names_the_origin(db_url, engine, tmp_path, smtp):
     batch["nonfinite_origin"] = {"step": 1, "pass": "forward", "layer": "blocks.0.fc", "rank": 0}
     with _client(db_url, engine, tmp_path, smtp.port) as client:
         alert = next(a for a in post(client, batch).json()["alerts"] if a["rule"] == "non_finite")
-        _wait(lambda: any(alert["id"] in m["Message-ID"] for _, _, m in smtp.messages))
+        wait_until(lambda: any(alert["id"] in m["Message-ID"] for _, _, m in smtp.messages))
     msg = next(m for _, _, m in smtp.messages if alert["id"] in m["Message-ID"])
     assert msg["Subject"].startswith("[layerwatch CRITICAL] non_finite")
     assert "first NaN/Inf: step 1, forward pass, layer blocks.0.fc" in msg.get_content()
@@ -109,7 +102,7 @@ def test_email_refused_for_good_is_not_retried(db_url, engine, tmp_path, smtp):
     with _client(db_url, engine, tmp_path, smtp.port) as client:
         alert = next(a for a in post(client, _dead_batch(unique("k"), unique())).json()["alerts"])
         url = f"/api/v1/alerts/{alert['id']}"
-        _wait(lambda: client.get(url).json()["notifications"][0]["state"] == "failed")
+        wait_until(lambda: client.get(url).json()["notifications"][0]["state"] == "failed")
         n = client.get(url).json()["notifications"][0]
     assert n["attempts"] == 1 and "550" in n["history"][0]["error"]
 
@@ -119,9 +112,9 @@ def test_email_temporary_failure_is_retried(db_url, engine, tmp_path, smtp):
     with _client(db_url, engine, tmp_path, smtp.port) as client:
         alert = next(a for a in post(client, _dead_batch(unique("k"), unique())).json()["alerts"])
         url = f"/api/v1/alerts/{alert['id']}"
-        _wait(lambda: client.get(url).json()["notifications"][0]["attempts"] >= 1)
+        wait_until(lambda: client.get(url).json()["notifications"][0]["attempts"] >= 1)
         smtp.reply = "250 OK"
-        _wait(lambda: client.get(url).json()["notifications"][0]["state"] == "sent")
+        wait_until(lambda: client.get(url).json()["notifications"][0]["state"] == "sent")
         n = client.get(url).json()["notifications"][0]
     assert n["attempts"] >= 2 and "451" in n["history"][0]["error"]
     assert any(alert["id"] in m["Message-ID"] for _, _, m in smtp.messages)

@@ -6,7 +6,6 @@ import json
 import shutil
 import subprocess
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from layerwatch_server.app import create_app
 from layerwatch_server.core.config import Settings
+from tests.waiting import wait_until
 
 from .batches import make_batch, post, unique
 from .server import free_port
@@ -48,13 +48,6 @@ class Receiver:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
-def _wait(cond, timeout: float = 10.0, show=lambda: None) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out: {show()}"
-        time.sleep(0.05)
-
-
 @pytest.fixture
 def receiver():
     r = Receiver()
@@ -82,12 +75,15 @@ def test_webhook_and_slack_survive_a_receiver_outage(db_url, engine, tmp_path, r
     with TestClient(app) as client:
         body = post(client, _nan_batch(unique("k"), unique())).json()
         alert = next(a for a in body["alerts"] if a["rule"] == "non_finite")
-        time.sleep(1.0)
-        detail = client.get(f"/api/v1/alerts/{alert['id']}").json()
-        assert all(n["attempts"] >= 1 and n["state"] == "pending" for n in detail["notifications"])
-        receiver.status = 200  # back up: every notification arrives
         url = f"/api/v1/alerts/{alert['id']}"
-        _wait(
+
+        def tried() -> list | None:  # every channel tried the receiver that is down
+            notes = client.get(url).json()["notifications"]
+            return notes if notes and all(n["attempts"] >= 1 for n in notes) else None
+
+        assert all(n["state"] == "pending" for n in wait_until(tried, message=lambda: client.get(url).json()))
+        receiver.status = 200  # back up: every notification arrives
+        wait_until(
             lambda: {n["state"] for n in client.get(url).json()["notifications"]} == {"sent"},
             10,
             lambda: client.get(url).json(),
@@ -105,7 +101,7 @@ def test_receiver_4xx_is_recorded_not_retried(db_url, engine, tmp_path, receiver
     receiver.status = 400
     with TestClient(app) as client:
         alert = next(a for a in post(client, _nan_batch(unique("k"), unique())).json()["alerts"])
-        _wait(lambda: client.get(f"/api/v1/alerts/{alert['id']}").json()["notifications"][0]["state"] == "failed")
+        wait_until(lambda: client.get(f"/api/v1/alerts/{alert['id']}").json()["notifications"][0]["state"] == "failed")
         n = client.get(f"/api/v1/alerts/{alert['id']}").json()["notifications"][0]
     assert n["attempts"] == 1 and n["history"][0]["status"] == 400
 
@@ -128,17 +124,17 @@ def test_alertmanager_lists_the_alert_and_its_resolution(db_url, engine, tmp_pat
     )
     am = f"http://127.0.0.1:{port}"
     try:
-        _wait(lambda: _up(am), 20)
+        wait_until(lambda: _up(am), 20)
         app = _app(db_url, engine, tmp_path, {"am": {"type": "alertmanager", "url": am}})
         key, project = unique("k"), unique()
         with TestClient(app) as client:
             post(client, _nan_batch(key, project))
-            _wait(lambda: _am_alerts(am, project))
+            wait_until(lambda: _am_alerts(am, project))
             found = _am_alerts(am, project)[0]
             assert found["labels"]["alertname"] == "non_finite" and found["status"]["state"] == "active"
             clean = {(st, 0, "nonfinite"): 0.0 for st in range(5, 10)}  # make_batch's filler counts are not 0
             post(client, make_batch(key, steps=range(5, 10), project=project, n_layers=1, overrides=clean))
-            _wait(lambda: not _am_alerts(am, project, active=True))
+            wait_until(lambda: not _am_alerts(am, project, active=True))
     finally:
         proc.terminate()
         proc.wait(10)

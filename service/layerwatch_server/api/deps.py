@@ -9,6 +9,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from layerwatch_server.core.state import AppState
+from layerwatch_server.storage.models import ALL_PROJECTS
 from layerwatch_server.storage.tokens import Grant
 
 _bearer = HTTPBearer(auto_error=False, description="A token from `layerwatch-server token create`.")
@@ -49,6 +50,21 @@ def authorize(grant: Grant | None, project: str, need: str) -> None:
         raise HTTPException(
             403, f"this token ({grant.scope} on project {grant.project!r}) cannot {need} project {project!r}"
         )
+
+
+def authorize_resource(grant: Grant | None, project: str | None, need: str, unknown: Exception) -> None:
+    """:func:`authorize` for something addressed by its id. One of a project the grant does not cover raises
+    ``unknown``, the very error an unknown id gets (a 404), so no answer tells which ids exist elsewhere.
+    ``project`` None: a resource of every project, which only an all-projects grant may touch (403)."""
+    if grant is None:
+        return
+    if project is None:
+        if grant.project != ALL_PROJECTS or not grant.allows(ALL_PROJECTS, need):
+            raise HTTPException(403, "this belongs to every project: it needs an admin token of all projects")
+        return
+    if grant.project not in (project, ALL_PROJECTS):
+        raise unknown
+    authorize(grant, project, need)
 
 
 def readable_projects(grant: Grant | None) -> set[str] | None:

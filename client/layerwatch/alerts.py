@@ -1,4 +1,4 @@
-"""Alerts the collector returns for this run, as the training process sees them."""
+"""Alerts of this run as the training process sees them: the collector's, and the client's own early ones."""
 
 from __future__ import annotations
 
@@ -21,6 +21,14 @@ class Alert:
     threshold: float | None = None
     message: str = ""
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # "local": raised by the client itself within the step that showed it (non_finite, loss_spike), before any
+    # collector has seen the data; the collector's alert for the same incident replaces it without a second
+    # on_alert call. "collector": returned by the collector.
+    source: str = "collector"
+
+    @property
+    def local(self) -> bool:
+        return self.source == "local"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Alert:

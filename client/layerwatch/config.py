@@ -71,6 +71,7 @@ class Config:
     timeout: float = 10.0  # LAYERWATCH_TIMEOUT: seconds per HTTP request
     flush_timeout: float = 10.0  # LAYERWATCH_FLUSH_TIMEOUT: close() waits this long, then spools
     max_backoff: float = 30.0  # LAYERWATCH_MAX_BACKOFF: longest wait between retries, seconds
+    loss_jump: float = 100.0  # LAYERWATCH_LOSS_JUMP: |loss| > this x its recent mean reports at once; 0: off
 
     @property
     def window_steps(self) -> int:
@@ -107,6 +108,7 @@ class Config:
             "timeout": _env_parse("LAYERWATCH_TIMEOUT", float, d.timeout, lambda v: v > 0),
             "flush_timeout": _env_parse("LAYERWATCH_FLUSH_TIMEOUT", float, d.flush_timeout, lambda v: v >= 0),
             "max_backoff": _env_parse("LAYERWATCH_MAX_BACKOFF", float, d.max_backoff, lambda v: v > 0),
+            "loss_jump": _env_parse("LAYERWATCH_LOSS_JUMP", float, d.loss_jump, lambda v: v == 0 or v > 1),
         }
         values = {k: (given[k] if given.get(k) is not None else v) for k, v in env.items()}
         unknown = set(given) - set(env)
@@ -133,6 +135,8 @@ class Config:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.eps < 0:
             raise ValueError(f"eps must be >= 0, got {self.eps}")
+        if not (self.loss_jump == 0 or self.loss_jump > 1):
+            raise ValueError(f"loss_jump must be 0 (off) or a factor above 1, got {self.loss_jump}")
         if not 0 <= self.sat_margin < 1:
             raise ValueError(f"sat_margin must be in [0, 1), got {self.sat_margin}")
         if self.url and not self.url.startswith(("http://", "https://")):

@@ -29,6 +29,7 @@ from layerwatch.recorder import Recorder
 from layerwatch.report import Report, StepMeta
 from layerwatch.spool import Spool
 from layerwatch.transport import HttpTransport
+from layerwatch.tripwire import Trip, Tripwire
 
 log = logging.getLogger("layerwatch")
 
@@ -54,6 +55,8 @@ class Monitor:
         self._alerts: dict[str, Alert] = {}
         self._new_alerts: deque[Alert] = deque()
         self._alerts_lock = threading.Lock()
+        self._local_open: dict[str, Alert] = {}  # rule -> the client's own alert its collector twin has not met
+        self._absorbed: set[str] = set()  # collector alerts whose incident on_alert heard of locally
         self._next_step = 0
         self._recorded = 0  # steps recorded so far (step numbers may be the user's)
         self._window_pos = 0
@@ -113,6 +116,7 @@ class Monitor:
             max_backoff=config.max_backoff,
             on_response=self._on_response,
         )
+        self._tripwire = Tripwire(config.loss_jump, cuda=_on_cuda(inner))
         me = weakref.ref(self)
         atexit.register(_close_at_exit, me)
         os.register_at_fork(after_in_child=lambda: _forget_in_child(me))
@@ -140,12 +144,14 @@ class Monitor:
             self._failed = True
             self.recorder.failed = True
             log.exception("layerwatch: monitoring disabled after an internal error; training continues")
+        self._dispatch_alerts()  # the client's own alerts of this very step
 
     def _record_step(self, values: dict[str, torch.Tensor | float], step: int | None) -> None:
         number = self._next_step if step is None else int(step)
         self._next_step = number + 1
         meta = StepMeta(step=number, time=time.time(), calls=self.recorder.current)
         tensors: list[torch.Tensor] = []
+        norms = None  # (params with a gradient,) gradient norms, for the tripwire
         if self._params:
             present = [(i, p) for i, (_, p) in enumerate(self._params) if p.grad is not None]
             if present:
@@ -154,9 +160,11 @@ class Monitor:
                 # Gradient norms every step; the other parameter statistics once per `param_every` steps.
                 meta.full_params = (self._recorded + 1) % self.config.param_every_steps == 0
                 if meta.full_params:
-                    tensors.append(stats.param_raw([p.detach() for _, p in present], grads))
+                    block = stats.param_raw([p.detach() for _, p in present], grads)
+                    norms = block[: len(present)]  # the P_GRAD_NORM block comes first
                 else:
-                    tensors.append(stats.grad_norms(grads))
+                    block = norms = stats.grad_norms(grads)
+                tensors.append(block)
         for name, value in values.items():
             if isinstance(value, torch.Tensor):
                 tensors.append(value.detach().reshape(1).float())
@@ -164,13 +172,17 @@ class Monitor:
             else:
                 meta.host_scalars[name] = value
         self.recorder.end_step()
+        self._tripwire.arm(number, self.recorder.step_sums(meta.calls), norms, values.get("loss"))
         self._recorded += 1
         self._steps.append(meta)
         self._step_tensors.extend(tensors)
         self._window_pos += 1
         if self._window_pos >= self.config.window_steps:
             self._close_window()
-        if len(self._steps) >= self.config.every:
+        # A NaN or a loss jump seen by now (this step on CPU; on CUDA a step whose check has landed) sends the
+        # steps so far at once instead of at the interval's end; the next interval starts after them.
+        early = self._raise_local(self._tripwire.poll())
+        if early or len(self._steps) >= self.config.every:
             self._report()
 
     def _close_window(self) -> None:
@@ -210,6 +222,30 @@ class Monitor:
         with self._alerts_lock:
             return list(self._alerts.values())
 
+    def _raise_local(self, trips: list[Trip]) -> bool:
+        """The client's own alert for each incident the tripwire opened, for on_alert within this step()."""
+        for trip in trips:
+            non_finite = trip.kind == "non_finite"
+            rule = "non_finite" if non_finite else "loss_spike"
+            alert = Alert(
+                id=f"local-{rule}-{trip.step}",
+                rule=rule,
+                state="firing",
+                severity="critical" if non_finite else "warning",
+                run_id=self.run_id,
+                step=trip.step,
+                value=trip.loss,
+                threshold=None if non_finite or trip.typical is None else self.config.loss_jump * trip.typical,
+                message=trip.message(self.config.loss_jump),
+                source="local",
+            )
+            log.warning("layerwatch: %s; reporting the steps so far now", alert.message)
+            with self._alerts_lock:
+                self._alerts[alert.id] = alert
+                self._local_open[rule] = alert
+                self._new_alerts.append(alert)
+        return bool(trips)
+
     def _on_response(self, body: dict[str, Any]) -> None:  # sender thread
         if isinstance(body.get("run_id"), str):
             self.run_id = body["run_id"]
@@ -220,7 +256,29 @@ class Monitor:
             with self._alerts_lock:
                 if self._alerts.get(alert.id) != alert:
                     self._alerts[alert.id] = alert
-                    self._new_alerts.append(alert)
+                    if not self._heard_locally(alert):
+                        self._new_alerts.append(alert)
+
+    def _heard_locally(self, alert: Alert) -> bool:
+        """Whether on_alert heard of this collector alert's incident from the client's own alert (under the lock).
+
+        The first open (pending/firing) collector alert of a rule within one report interval of a local alert of
+        that rule is the same incident: it replaces the local one in ``alerts``, and it and its later open states
+        make no second on_alert call; its resolution (or a later re-opening) is passed on as usual."""
+        if alert.id in self._absorbed:
+            if alert.state in ("pending", "firing"):
+                return True
+            self._absorbed.discard(alert.id)
+            return False
+        local = self._local_open.get(alert.rule)
+        if local is None or alert.state not in ("pending", "firing"):
+            return False
+        if alert.step is not None and local.step is not None and abs(alert.step - local.step) > self.config.every:
+            return False
+        del self._local_open[alert.rule]
+        self._alerts.pop(local.id, None)
+        self._absorbed.add(alert.id)
+        return True
 
     def _count_nonfinite(self) -> None:  # exporter thread, once
         log.warning("layerwatch: a NaN/Inf appeared; counting non-finite values element by element from now on")
@@ -317,6 +375,11 @@ def _to_host(flat: torch.Tensor) -> tuple[torch.Tensor, Any]:
         event.record()
         return host, event
     return (flat, None) if flat.device.type == "cpu" else (flat.cpu(), None)
+
+
+def _on_cuda(model: nn.Module) -> bool:
+    parameter = next(model.parameters(), None)
+    return parameter is not None and parameter.is_cuda
 
 
 def _safe(name: str) -> str:

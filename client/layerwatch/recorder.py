@@ -238,6 +238,23 @@ class Recorder:
             return None
         return self._raw[: len(self.layers), :slots].reshape(-1)
 
+    # -- the per-step tripwire (layerwatch.tripwire) -------------------------------------------------------
+    _sums_index: tuple[tuple[int, ...], torch.Tensor] | None = None  # layers of the last partial step, on device
+
+    def step_sums(self, calls: StepCalls) -> torch.Tensor | None:
+        """The activation sums the step that just ended (``calls``; after end_step) wrote, on the device: non-finite
+        exactly when a NaN/Inf passed one of its layers. Slots of layers that did not run hold older steps' sums."""
+        if self._raw is None or not calls.order or self.slot == 0:
+            return None
+        column = self._raw[: len(self.layers), self.slot - 1, stats.RAW_SUM]  # (layers,)
+        if len(calls.order) == len(self.layers):
+            return column
+        key = tuple(sorted(calls.order))
+        if self._sums_index is None or self._sums_index[0] != key:
+            index = torch.tensor(key, pin_memory=column.is_cuda)  # pinned: the upload does not wait
+            self._sums_index = (key, index.to(column.device, non_blocking=True))
+        return column.index_select(0, self._sums_index[1])
+
     def dead_fractions(self, reducer) -> tuple[torch.Tensor | None, list[bool]]:
         """End of a dead-unit window: per layer the share of units never active, then a fresh window."""
         if self._high is None or self._low is None or not self.layers:

@@ -173,7 +173,7 @@ class Exporter:
             if error:
                 if not self._spool_error:
                     log.info(
-                        "layerwatch: cannot write the spool at %s (%s); batches wait in memory",
+                        "layerwatch: the spool at %s refuses writes (%s); batches wait in memory",
                         self.spool.directory,
                         error,
                     )

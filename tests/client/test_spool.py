@@ -10,7 +10,11 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+from click.testing import CliRunner
+
 from layerwatch import spool, wire
+from layerwatch.cli import main as cli
 from tests.client.conftest import read_spool
 
 
@@ -97,3 +101,69 @@ def test_the_spool_of_a_killed_training_process_stays_readable(tmp_path):
     assert len(steps) >= 20
     assert steps == list(range(len(steps)))  # contiguous from 0: nothing reordered, nothing in between lost
     assert all(b["v"] == wire.VERSION for b in batches)
+
+
+def _records(directory: Path, n: int) -> tuple[Path, list[int]]:
+    """A spool of ``n`` records ``record-i``; the segment and each record's start offset."""
+    queue = spool.Spool(directory, max_bytes=1 << 20)
+    for i in range(n):
+        assert queue.append(f"record-{i}".encode())
+    segment = spool.segments(directory)[0]
+    return segment, _starts(segment)
+
+
+def _starts(segment: Path) -> list[int]:
+    """Where each record of an intact segment begins."""
+    return [0, *[end for end, _ in spool.read_records(segment)][:-1]]
+
+
+@pytest.mark.parametrize("where", ["payload", "magic", "length"])
+def test_a_corrupt_middle_record_costs_only_itself(tmp_path, where):
+    segment, starts = _records(tmp_path, 5)
+    data = bytearray(segment.read_bytes())
+    data[starts[2] + {"payload": spool.HEADER.size + 1, "magic": 1, "length": 5}[where]] ^= 0x5A
+    segment.write_bytes(bytes(data))
+    spans: list[spool.Corrupt] = []
+    payloads = [p for _, p in spool.read_records(segment, on_corrupt=spans.append)]
+    assert payloads == [f"record-{i}".encode() for i in (0, 1, 3, 4)]  # resynchronised at the next record
+    assert [(s.offset, s.end, s.tail) for s in spans] == [(starts[2], starts[3], False)]
+
+
+def test_the_spool_delivers_around_a_corrupt_record_and_keeps_its_bytes_aside(tmp_path):
+    segment, starts = _records(tmp_path, 5)
+    data = bytearray(segment.read_bytes())
+    data[starts[2] + spool.HEADER.size] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    queue = spool.Spool(tmp_path, max_bytes=1 << 20)
+    delivered = []
+    while (head := queue.head()) is not None:
+        assert segment.exists()  # deleted only once every readable record in it was delivered
+        delivered.append(head[2])
+        queue.ack(head[0], head[1])
+    assert delivered == [f"record-{i}".encode() for i in (0, 1, 3, 4)]
+    assert not segment.exists() and queue.pending_bytes == 0
+    assert [(s.segment, s.offset) for s in queue.corrupt] == [(segment, starts[2])]
+    kept = tmp_path / spool.CORRUPT / f"{segment.stem}-{starts[2]}.bin"
+    assert kept.read_bytes() == bytes(data[starts[2] : starts[3]])
+
+
+def test_sync_reports_a_corrupt_record_with_its_segment_and_offset(collector, tmp_path):
+    queue = spool.Spool(tmp_path / "run", max_bytes=1 << 20)
+    for seq in range(4):
+        queue.append(wire.encode(_batch(seq)))
+    segment = spool.segments(tmp_path / "run")[0]
+    starts = _starts(segment)
+    data = bytearray(segment.read_bytes())
+    data[starts[1] + spool.HEADER.size + 3] ^= 0xFF
+    segment.write_bytes(bytes(data))
+    result = CliRunner().invoke(cli, ["sync", str(tmp_path), "--url", collector.url])
+    assert result.exit_code == 1  # a record was lost
+    assert f"unreadable bytes at byte {starts[1]}" in result.output and segment.name in result.output
+    assert sorted(b["seq"] for b in collector.batches) == [0, 2, 3]
+    assert list((tmp_path / "run" / spool.CORRUPT).glob("*.bin")) and not segment.exists()
+
+
+def _batch(seq: int) -> dict:
+    run = {"key": "corrupt", "name": "corrupt", "project": "p", "world_size": 1}
+    steps = [{"step": seq, "time": 1.0, "layers": [], "params": []}]
+    return {"v": wire.VERSION, "run": run, "rank": 0, "host": "h", "pid": 1, "seq": seq, "steps": steps}

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     db_timeout_s: float = Field(10.0, gt=0, description="Wait for a DB lock/connection before 503.")
     pool_size: int = Field(8, ge=1, description="PostgreSQL connection pool size.")
     token_cache_s: float = Field(30.0, ge=0, description="How long a verified token is trusted in memory.")
+    min_free_mb: float = Field(
+        64.0, ge=0, description="SQLite: /readyz says not ready while the database's disk has less free space (MiB)."
+    )
 
     scheduler: bool = Field(True, description="Run the in-process scheduler (retention, rule hooks).")
     retention_days: float = Field(30.0, gt=0, description="Raw per-step rows older than this are rolled up.")

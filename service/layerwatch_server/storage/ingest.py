@@ -13,6 +13,7 @@ takes) is held only for the last statement before the commit.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import operator
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 
-from sqlalchemy import BigInteger, Connection, Engine, String, Table, bindparam, select, text, update
+from sqlalchemy import BigInteger, Connection, Engine, String, Table, bindparam, delete, select, text, update
 
 from layerwatch import wire
 from layerwatch_server.core.batch import MAX_SERIES, Batch, LayerIn, ParamIn
@@ -34,6 +35,7 @@ from layerwatch_server.storage.models import (
     Param,
     Project,
     Run,
+    WriteProbe,
     layer_stats,
     param_stats,
 )
@@ -89,6 +91,24 @@ class Ingestor:
             return self._write(batch)
         finally:
             self._write_lock.release()
+
+    def probe(self, replica: str, wait_s: float = 2.0) -> bool:
+        """Commit one small write (``replica``'s row of write_probes), to learn that the database takes writes;
+        raises what the database raised. False when the writer stayed busy for ``wait_s``: a batch is being
+        written, which is no outage, and readiness checks must answer quickly."""
+        if not self.pg and not self._write_lock.acquire(timeout=wait_s):
+            return False
+        try:
+            now = utcnow()
+            with self._writer.begin() as conn:
+                insert = dialect_insert(conn, WriteProbe).values(replica=replica, checked_at=now)
+                conn.execute(insert.on_conflict_do_update(index_elements=["replica"], set_={"checked_at": now}))
+                # replicas come and go (a row per process): forget those not heard of for a day
+                conn.execute(delete(WriteProbe).where(WriteProbe.checked_at < now - dt.timedelta(days=1)))
+            return True
+        finally:
+            if not self.pg:
+                self._write_lock.release()
 
     def _write(self, batch: Batch) -> IngestResult:
         learned: list[tuple[LRU, Any, Any]] = []

@@ -144,6 +144,15 @@ class JobTick(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
 
+class WriteProbe(Base):
+    """One row per replica, rewritten by each /readyz: a committed write proves the database takes writes."""
+
+    __tablename__ = "write_probes"
+
+    replica: Mapped[str] = mapped_column(String(100), primary_key=True)
+    checked_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 step_stats = Table(
     "step_stats",
     Base.metadata,

@@ -170,9 +170,29 @@ def _get(url: str, path: str, token: str | None, **params: Any) -> Any:
             detail = json.loads(exc.read()).get("detail")
         except (ValueError, AttributeError):
             detail = exc.reason
-        raise click.ClickException(f"{exc.code} from {url}{path}: {detail}") from None
+        raise click.ClickException(
+            f"{exc.code} from {url}{path}: {detail}{_auth_hint(exc.code, token, detail)}"
+        ) from None
     except (urllib.error.URLError, OSError) as exc:
         raise click.ClickException(f"cannot reach the collector at {url}: {getattr(exc, 'reason', exc)}") from None
+
+
+def _auth_hint(status: int, token: str | None, detail: Any) -> str:
+    """What to do about a refusal: reading needs a read (or admin) token, which a training job's is not."""
+    if status == 401 and not token:
+        return " (pass a read token with --token or LAYERWATCH_TOKEN)"
+    if status == 403 and "token create" not in str(detail):
+        return "; reading runs needs a read (or admin) token: layerwatch-server token create --project P --scope read"
+    return ""
+
+
+def _run_path(ref: str, suffix: str = "") -> str:
+    """The API path of the run that ``ref`` names (its id or a unique prefix of it, as pasted from a table:
+    a trailing ``…`` or ``...`` that a narrow terminal added is dropped)."""
+    ref = ref.strip().rstrip("…").rstrip(".").strip()
+    if not ref:
+        raise click.BadParameter("give a run id (or the start of one, as `layerwatch runs` lists them)")
+    return f"/api/v1/runs/{urllib.parse.quote(ref, safe='')}{suffix}"
 
 
 def _fmt(value: Any) -> str:
@@ -209,8 +229,9 @@ def runs(url: str, token: str | None, project: str | None, status: str | None) -
     data = _get(url, "/api/v1/runs", token, project=project, status=status)
     items = data.get("runs", data) if isinstance(data, dict) else data
     table = Table(title=f"Runs at {url}")
-    for column in ("id", "project", "name", "status", "last step", "last seen", "alerts"):
-        table.add_column(column)
+    table.add_column("id", no_wrap=True, min_width=max((len(str(run.get("id"))) for run in items), default=2))
+    for column in ("project", "name", "status", "last step", "last seen", "alerts"):
+        table.add_column(column, overflow="fold")  # these wrap in a narrow terminal; the id, to be pasted, never
     for run in items:
         table.add_row(
             _fmt(run.get("id")),
@@ -240,8 +261,9 @@ def _status(status: str | None) -> str:
 @url_option
 @token_option
 def show(run_id: str, url: str, token: str | None) -> None:
-    """Show one run: its configuration, ranks, layers and open alerts."""
-    run = _get(url, f"/api/v1/runs/{run_id}", token)
+    """Show one run (RUN_ID: its id, or the start of it): configuration, ranks, layers and open alerts."""
+    run = _get(url, _run_path(run_id), token)
+    run_id = run["id"]
     out.print(
         f"[bold]{_fmt(run.get('name'))}[/] ({_fmt(run.get('id'))}) in project [bold]{_fmt(run.get('project'))}[/]: "
         f"{_status(run.get('status'))}, steps {_fmt(run.get('first_step'))}..{_fmt(run.get('last_step'))}, "
@@ -273,16 +295,27 @@ def show(run_id: str, url: str, token: str | None) -> None:
     layers = Table(title="Layers")
     for column in ("name", "type", "kind", "shape", "units"):
         layers.add_column(column)
-    for layer in run.get("layers", []):
+    listed = run.get("layers", [])
+    for i, layer in enumerate(listed):
+        kind = _shown_kind(layer, last=i == len(listed) - 1)
         layers.add_row(
-            _fmt(layer.get("name")),
-            _fmt(layer.get("type")),
-            _fmt(layer.get("kind")),
-            _fmt(layer.get("shape")),
-            _fmt(layer.get("units")),
+            _fmt(layer.get("name")), _fmt(layer.get("type")), kind, _fmt(layer.get("shape")), _fmt(layer.get("units"))
         )
+        if kind == "output":
+            layers.caption = "output: the model's output head; its dead_frac is outputs never positive, not dead units"
     out.print(layers)
     _print_alerts(_open_alerts_of(url, run_id, token), title="Open alerts")
+
+
+def _shown_kind(layer: dict[str, Any], last: bool) -> str:
+    """What a layer is, as its MLflow keys name it: ``linear``/``conv`` for a Linear/Conv output, ``output`` for
+    the model's last layer when it is one, else the wire kind (``relu``, ``bounded``, ``other``), which says how
+    its units are judged (a Linear's is ``relu``). ``last``: the run lists its layers in model order."""
+    type_ = str(layer.get("type"))
+    what = "linear" if type_ in ("Linear", "Bilinear") else "conv" if type_.startswith("Conv") else None
+    if what is None:
+        return _fmt(layer.get("kind"))
+    return "output" if last else what
 
 
 def _print_alerts(alerts: list[dict[str, Any]], title: str = "Alerts") -> None:
@@ -314,11 +347,13 @@ TAIL_STATS = ("dead_frac", "zero_frac", "act_mean", "act_std", "act_max_abs", "s
 @click.option("--rows", default=25, show_default=True, help="Layers shown (worst dead_frac first).")
 @click.option("--once", is_flag=True, help="Print one table and exit.")
 def tail(run_id: str, url: str, token: str | None, interval: float, rows: int, once: bool) -> None:
-    """Live per-layer statistics of a run, the worst layers on top, and its open alerts below."""
+    """Live per-layer statistics of a run (RUN_ID: its id, or the start of it), the worst layers on top, and its
+    open alerts below."""
+    run_id = _get(url, _run_path(run_id), token)["id"]  # a prefix, resolved once
 
     def render() -> Group:
-        run = _get(url, f"/api/v1/runs/{run_id}", token)
-        latest = _get(url, f"/api/v1/runs/{run_id}/latest", token)["layers"]
+        run = _get(url, _run_path(run_id), token)
+        latest = _get(url, _run_path(run_id, "/latest"), token)["layers"]
         latest.sort(key=lambda layer: (-_num(_dead(layer)), -_num(layer.get("nonfinite"))))
         title = f"{_fmt(run.get('name'))} {_status(run.get('status'))} step {_fmt(run.get('last_step'))}"
         table = Table(title=title)

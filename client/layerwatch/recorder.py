@@ -15,11 +15,14 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 from layerwatch import stats, wire
 from layerwatch.layers import LayerSpec
 
 log = logging.getLogger("layerwatch")
+
+SILENT_STEPS = 3  # steps without any watched module firing before a warning says why that may be
 
 
 @dataclass
@@ -84,11 +87,29 @@ class Recorder:
         self.current = StepCalls()
         self.window_calls: list[StepCalls] = []
         self.failed = False
+        self.watched = 0  # modules hooked
+        self.saw_no_grad = False  # a hook fired under no_grad (a validation pass)
+        self.steps_unheard: int | None = 0  # steps with no layer recorded yet; None once warned
+        # Calls traced by torch.compile since the last fold: (module, spec, shape, unit dim, feeds from the
+        # output before it, record, unit max, unit min), and what the next traced call needs of the last one.
+        self._traced: list[tuple] = []
+        self._traced_last: torch.Tensor | None = None
+        self._traced_shape: tuple[int, tuple[int, ...]] | None = None  # (unit dim, shape)
 
     # -- hooks ---------------------------------------------------------------------------------------
-    def attach(self, watched: list[tuple[nn.Module, LayerSpec]]) -> None:
+    def attach(self, model: nn.Module, watched: list[tuple[nn.Module, LayerSpec]]) -> None:
+        # Before each forward (a micro-batch), fold what compiled graphs traced: traced calls append to one
+        # list whose length the compiled graph guards, so it must start every forward empty. The hook is
+        # excluded from compilation: run eagerly, before the graph (torch._dynamo, which that imports, is
+        # imported by the first optimizer step anyway).
+        self._handles.append(model.register_forward_pre_hook(torch.compiler.disable(self._start_forward)))
         for module, spec in watched:
             self._handles.append(module.register_forward_hook(self._hook_for(spec)))
+        self.watched = len(watched)
+
+    def _start_forward(self, module: nn.Module, inputs: tuple) -> None:
+        if self._traced:
+            self.fold()
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -97,13 +118,24 @@ class Recorder:
 
     def _hook_for(self, spec: LayerSpec):
         def hook(module: nn.Module, inputs: tuple, output: object) -> None:
-            # Validation passes (no_grad / inference_mode) are not training steps.
-            if self.failed or not torch.is_grad_enabled():
+            # Validation passes (no_grad / inference_mode) are not training steps, and the forward that
+            # activation checkpointing recomputes inside backward was recorded already.
+            if self.failed:
+                return
+            if not torch.is_grad_enabled():
+                self.saw_no_grad = True
                 return
             tensor = output if isinstance(output, torch.Tensor) else _first_tensor(output)
             if tensor is None or not tensor.is_floating_point() or tensor.numel() == 0:
                 return
+            if torch.compiler.is_compiling():
+                self._trace(module, spec, tensor, inputs)
+                return
+            if _in_backward():
+                return
             try:
+                if self._traced:
+                    self.fold()
                 source = None
                 if spec.activation and inputs and self._last is not None:
                     source = self._note_input(inputs[0])
@@ -115,6 +147,49 @@ class Recorder:
 
         return hook
 
+    def _trace(self, module: nn.Module, spec: LayerSpec, output: torch.Tensor, inputs: tuple) -> None:
+        """The hook as torch.compile traces it: fresh tensors only, kept for :meth:`fold` after the step.
+
+        Writing into the recorder's buffers from a compiled graph is what aot_autograd refuses (mutated views
+        of graph inputs), so the reductions stay in the graph, where inductor fuses them into the model's own
+        kernels, and the bookkeeping runs eagerly on their results: a few tiny copies per layer and step."""
+        a = output.detach()
+        dim = unit_dim(spec, tuple(a.shape), self._traced_shape)
+        record, unit_max, unit_min = stats.activation_record(
+            a,
+            dim,
+            self.eps,
+            spec.sat,
+            spec.nonneg,
+            positive_only=_positive_only(spec),
+            count_finite=self.count_nonfinite,
+        )
+        feeds = spec.activation and bool(inputs) and self._traced_last is not None and inputs[0] is self._traced_last
+        self._traced.append((module, spec, tuple(a.shape), dim, feeds, record, unit_max, unit_min))
+        self._traced_last = output
+        self._traced_shape = (dim, tuple(a.shape))
+
+    def fold(self) -> None:
+        """Account the records traced in compiled graphs since the last fold, in their execution order."""
+        traced = list(self._traced)
+        self._traced.clear()  # the same list: a new one would fail the compiled graph's guards
+        self._traced_last = self._traced_shape = None
+        previous: Layer | None = None
+        for module, spec, shape, dim, feeds, record, unit_max, unit_min in traced:
+            if feeds and previous is not None and not previous.spec.activation:
+                previous.feeds_activation = True
+            numel = math.prod(shape)
+            units = shape[dim] if shape else 1
+            layer = self._by_module.get(id(module), {}).get(units) or self._new_layer(
+                module, spec, shape, dim, record.device
+            )
+            if layer.feeds_activation:  # as the eager hook measures it: no zero count, no per-unit extremes
+                record = record.clone()
+                record[stats.RAW_NONZERO] = math.nan
+                unit_max = unit_min = None
+            self._account(layer, record, unit_max, unit_min, numel, merge=layer.index in self.current.elements)
+            previous = layer
+
     def _note_input(self, source: object) -> Layer | None:
         """The layer whose output, recorded just before, is this activation's input, or None.
 
@@ -124,14 +199,19 @@ class Recorder:
         output, previous = self._last
         if source is not output():
             return None
-        if not previous.spec.activation:
+        if not previous.spec.activation and not previous.feeds_activation:
             previous.feeds_activation = True
+            # Its first call was measured in full before this was known: drop that zero count as well, so that
+            # its zero_frac is null on every step, not 0 on the first one only.
+            previous.records[self.slot][stats.RAW_NONZERO] = math.nan
         return previous
 
     def _record(self, module: nn.Module, spec: LayerSpec, a: torch.Tensor, source: Layer | None = None) -> Layer:
         unit_dim = self._unit_dim(spec, a)
         units = a.shape[unit_dim] if a.dim() else 1
-        layer = self._by_module.get(id(module), {}).get(units) or self._new_layer(module, spec, a, unit_dim)
+        layer = self._by_module.get(id(module), {}).get(units) or self._new_layer(
+            module, spec, tuple(a.shape), unit_dim, a.device
+        )
         elements = self.current.elements
         merge = layer.index in elements
         elsewhere = a.device != layer.records[self.slot].device
@@ -156,47 +236,59 @@ class Recorder:
             known_max=known_max,
             scratch=self._scratch,
         )
-        if elsewhere:
-            device = layer.records[self.slot].device
+        if merge or elsewhere:  # otherwise activation_raw wrote into the buffer already
+            self._account(layer, record, unit_max, unit_min, a.numel(), merge)
+            return layer
+        self._account(layer, None, unit_max, unit_min, a.numel(), merge)
+        return layer
+
+    def _account(
+        self,
+        layer: Layer,
+        record: torch.Tensor | None,
+        unit_max: torch.Tensor | None,
+        unit_min: torch.Tensor | None,
+        elements: int,
+        merge: bool,
+    ) -> None:
+        """Put one call's record (None: written in place already) and unit extremes into the step's buffers."""
+        device = layer.records[self.slot].device
+        if record is not None and record.device != device:
             record = record.to(device, non_blocking=True)
             unit_max = unit_max.to(device, non_blocking=True) if unit_max is not None else None
             unit_min = unit_min.to(device, non_blocking=True) if unit_min is not None else None
-        if merge:
+        if merge and record is not None:
             stats.merge_raw(layer.records[self.slot], record)
-        elif elsewhere:  # otherwise activation_raw wrote into the buffer already
+        elif record is not None:
             layer.records[self.slot].copy_(record)
         # Running per-unit extremes over the window; fmax/fmin let a NaN neither kill nor revive a unit.
         if unit_max is not None:
             torch.fmax(layer.high, unit_max, out=layer.high)
         if unit_min is not None:
             torch.fmin(layer.low, unit_min, out=layer.low)
+        counts = self.current.elements
         if merge:
-            elements[layer.index] += a.numel()
+            counts[layer.index] += elements
         else:
-            elements[layer.index] = a.numel()
+            counts[layer.index] = elements
             self.current.order.append(layer.index)
         layer.called_in_window = True
-        return layer
 
     def _unit_dim(self, spec: LayerSpec, a: torch.Tensor) -> int:
-        """Channel dim for conv outputs (and activations applied to them), the last dim otherwise."""
-        if spec.conv or a.dim() >= 4:
-            return 1 if a.dim() > 1 else 0
-        if a.dim() == 3 and self.current.order:
-            previous = self.layers[self.current.order[-1]]
-            if previous.spec.conv and previous.shape[1:] == list(a.shape[1:]):
-                return 1
-        return a.dim() - 1 if a.dim() else 0
+        previous = self.layers[self.current.order[-1]] if self.current.order else None
+        return unit_dim(spec, tuple(a.shape), (previous.unit_dim, tuple(previous.shape)) if previous else None)
 
-    def _new_layer(self, module: nn.Module, spec: LayerSpec, a: torch.Tensor, unit_dim: int) -> Layer:
+    def _new_layer(
+        self, module: nn.Module, spec: LayerSpec, shape: tuple[int, ...], unit_dim: int, device: torch.device
+    ) -> Layer:
         per_module = self._by_module.setdefault(id(module), {})
         name = spec.name if not per_module else f"{spec.name}#{len(per_module)}"
-        units = a.shape[unit_dim] if a.dim() else 1
+        units = shape[unit_dim] if shape else 1
         offset = self.layers[-1].unit_offset + self.layers[-1].units if self.layers else 0
-        layer = Layer(len(self.layers), name, spec, unit_dim, units, list(a.shape), offset)
+        layer = Layer(len(self.layers), name, spec, unit_dim, units, list(shape), offset)
         self.layers.append(layer)
         per_module[units] = layer
-        self._grow(a.device)
+        self._grow(device)
         return layer
 
     def _grow(self, device: torch.device) -> None:
@@ -227,9 +319,28 @@ class Recorder:
         return self._raw.device if self._raw is not None else None
 
     def end_step(self) -> None:
+        if self._traced:
+            self.fold()
+        if not self.layers and self.steps_unheard is not None:
+            self.steps_unheard += 1
+            if self.steps_unheard >= SILENT_STEPS:
+                self.steps_unheard = None
+                self._warn_unheard()
         self.window_calls.append(self.current)
         self.current = StepCalls()
         self.slot += 1
+
+    def _warn_unheard(self) -> None:
+        if self.watched == 0:
+            reason = "no module matched: check the include/exclude patterns and types (see docs/reference.md)"
+        elif self.saw_no_grad:
+            reason = "their forward passes ran under torch.no_grad()/inference_mode(), which count as validation"
+        else:
+            reason = (
+                "the model trained is not the module given to watch() (a copy, or one rebuilt by a wrapper "
+                "after watch(): watch the model you call, wrapped or not)"
+            )
+        log.warning("layerwatch: %d steps and none of %d watched modules ran: %s", SILENT_STEPS, self.watched, reason)
 
     def take_raw(self) -> torch.Tensor | None:
         """The report's raw sums, (layers, slots, RAW_WIDTH) flattened, and a fresh slot cursor."""
@@ -280,13 +391,41 @@ class Recorder:
         return dead, called
 
 
+def unit_dim(spec: LayerSpec, shape: tuple[int, ...], previous: tuple[int, tuple[int, ...]] | None) -> int:
+    """Where an output's units are: channels (dim 1) for conv outputs, the last dim for Linear-like outputs
+    (a ConvNeXt Linear on a channels-last map included). An activation takes the unit dim of the output
+    recorded just before it when their shapes match (its input, or a BatchNorm of it), else channels for a
+    map of 4+ dims and the last dim otherwise. ``previous``: (unit dim, shape) of that output."""
+    if len(shape) <= 1:
+        return 0
+    if spec.conv:
+        return 1
+    if spec.activation:
+        if previous is not None and previous[1][1:] == shape[1:]:
+            return previous[0]
+        if len(shape) >= 4:
+            return 1
+    return len(shape) - 1
+
+
 def _positive_only(spec: LayerSpec) -> bool:
     """Active means output > eps (ReLU family, Linear/Conv, never-negative outputs), else |output| > eps."""
     return spec.kind == wire.KIND_RELU or spec.nonneg
 
 
+def _in_backward() -> bool:
+    """Inside an autograd backward pass: where torch.utils.checkpoint (reentrant or not) recomputes forwards."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def _first_tensor(output: object) -> torch.Tensor | None:
+    """The output tensor of a module returning several things: an RNN's (output, h_n), MHA's (output, weights);
+    an RNN's PackedSequence output is its packed data, (total steps, units)."""
+    if isinstance(output, PackedSequence):
+        return output.data
     if isinstance(output, list | tuple):
+        if output and isinstance(output[0], PackedSequence):
+            return output[0].data
         for item in output:
             if isinstance(item, torch.Tensor):
                 return item

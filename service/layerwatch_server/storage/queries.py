@@ -95,6 +95,26 @@ def _with_open_alerts(conn: Connection, runs: list[dict[str, Any]]) -> None:
         r["pending_alerts"] = counts.get((r["id"], "pending"), 0)
 
 
+MIN_ID_PREFIX = 4  # as git: shorter prefixes match too much to mean one run
+
+
+def resolve_run_id(engine: Engine, ref: str) -> str:
+    """The id of the run that ``ref`` names: its whole id, or a prefix of it (at least 4 characters) that only
+    it has, as git takes a commit's. NotFound when none matches; BadQuery when several do (their ids are not
+    listed: they may be in projects the caller cannot read)."""
+    with engine.connect() as conn:
+        if conn.scalar(select(Run.id).where(Run.id == ref)) is not None:
+            return ref
+        if len(ref) < MIN_ID_PREFIX or not (ref.isascii() and ref.isalnum()):  # also no LIKE wildcard in it
+            raise NotFound(f"run {ref!r} not found")
+        ids = conn.scalars(select(Run.id).where(Run.id.like(ref + "%")).limit(2)).all()
+    if not ids:
+        raise NotFound(f"run {ref!r} not found (no run id starts with it)")
+    if len(ids) > 1:
+        raise BadQuery(f"run id prefix {ref!r} is ambiguous: more than one run id starts with it; give more of the id")
+    return ids[0]
+
+
 def run_project(engine: Engine, run_id: str) -> str:
     with engine.connect() as conn:
         name = conn.scalar(select(Project.name).join(Run, Run.project_id == Project.id).where(Run.id == run_id))
@@ -282,7 +302,7 @@ def latest(engine: Engine, run_id: str, *, rank: int, lookback: int) -> dict[str
         layers = conn.execute(
             select(Layer.id, Layer.index, Layer.name, Layer.type, Layer.kind)
             .where(Layer.run_id == run_id)
-            .order_by(Layer.id)
+            .order_by(Layer.index, Layer.id)  # model (execution) order, as the run detail lists them
         ).all()
         stat_cols = [layer_stats.c[name] for name in wire.LAYER_STATS]
         rows = conn.execute(

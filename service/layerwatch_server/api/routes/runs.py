@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.responses import JSONResponse
 
 from layerwatch_server.api.deps import GrantDep, StateDep, authorize, readable_projects
@@ -13,12 +13,14 @@ from layerwatch_server.rules.evaluate import dead_judged
 from layerwatch_server.storage import queries
 from layerwatch_server.storage.base import finite_json
 from layerwatch_server.storage.models import RUN_STATUSES
+from layerwatch_server.storage.tokens import Grant
 
 router = APIRouter(tags=["query"], responses={401: {"model": Problem}, 403: {"model": Problem}})
 
 
 @router.get("/projects", response_model=list[ProjectOut])
 def list_projects(state: StateDep, grant: GrantDep) -> Any:
+    _can_read_something(grant)
     return queries.list_projects(state.engine, readable_projects(grant))
 
 
@@ -32,11 +34,27 @@ def list_runs(
 ) -> Any:
     if project is not None:
         authorize(grant, project, "read")
+    _can_read_something(grant)
     return queries.list_runs(state.engine, project=project, status=status, only=readable_projects(grant), limit=limit)
 
 
-@router.get("/runs/{run_id}", response_model=RunDetail, responses={404: {"model": Problem}})
-def get_run(state: StateDep, grant: GrantDep, run_id: str) -> Any:
+def _can_read_something(grant: Grant | None) -> None:
+    """403 for a token that can read no project (a job's write token): an empty list would say "no runs"."""
+    if grant is not None and readable_projects(grant) == set():
+        raise HTTPException(
+            403,
+            f"this token ({grant.scope} on project {grant.project!r}) cannot read: listing and reading runs needs a "
+            "read or admin token (layerwatch-server token create --project P --scope read)",
+        )
+
+
+# A run named by its id or, as git names a commit, by a prefix of it that only this run's id has.
+RunRef = Annotated[str, Path(description="The run's id, or a prefix of it (4 characters or more) that is unique.")]
+
+
+@router.get("/runs/{run_id}", response_model=RunDetail, responses={404: {"model": Problem}, 422: {"model": Problem}})
+def get_run(state: StateDep, grant: GrantDep, run_id: RunRef) -> Any:
+    run_id = queries.resolve_run_id(state.engine, run_id)
     authorize(grant, queries.run_project(state.engine, run_id), "read")
     return JSONResponse(
         finite_json(RunDetail.model_validate(queries.get_run(state.engine, run_id)).model_dump(mode="json"))
@@ -56,7 +74,7 @@ def get_run(state: StateDep, grant: GrantDep, run_id: str) -> Any:
 def get_series(
     state: StateDep,
     grant: GrantDep,
-    run_id: str,
+    run_id: RunRef,
     stat: Annotated[str, Query(min_length=1, max_length=200)],
     layer: Annotated[str | None, Query(max_length=500)] = None,
     start: Annotated[int | None, Query(ge=0, le=2**62)] = None,
@@ -64,6 +82,7 @@ def get_series(
     max_points: Annotated[int | None, Query(ge=2, le=100_000)] = None,
     rank: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
 ) -> Any:
+    run_id = queries.resolve_run_id(state.engine, run_id)
     authorize(grant, queries.run_project(state.engine, run_id), "read")
     points = queries.series(
         state.engine, run_id, layer=layer, stat=stat, rank=rank, start=start, end=end, max_points=max_points
@@ -82,10 +101,11 @@ def get_series(
 def get_latest(
     state: StateDep,
     grant: GrantDep,
-    run_id: str,
+    run_id: RunRef,
     rank: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     lookback: Annotated[int, Query(ge=1, le=100_000)] = 200,
 ) -> Any:
+    run_id = queries.resolve_run_id(state.engine, run_id)
     authorize(grant, queries.run_project(state.engine, run_id), "read")
     out = queries.latest(state.engine, run_id, rank=rank, lookback=lookback)
     judged = dead_judged((layer["index"], layer["name"], layer["type"]) for layer in out["layers"])

@@ -12,7 +12,9 @@ Hook mapping (one ``Monitor.step()`` per optimizer step, whatever ``gradient_acc
 **The loss.** The Trainer keeps each step's loss on the device and only averages it into ``logs["loss"]`` (one
 host sync) every ``logging_steps``. The callback never adds a sync of its own, so it reports that logged value:
 the mean loss over the last logging interval, attached to the first step recorded after the log (one step
-late); steps in between carry no loss. Use ``logging_steps=1`` for a loss on every step.
+late); steps in between carry no loss. Use ``logging_steps=1`` for a loss on every step. The log at the last
+step has no step after it: at ``on_train_end`` it goes out with a step of its own, numbered as the Trainer
+numbers that log (``global_step``), carrying that loss only.
 
 **The learning rate** is the first param group's lr as the optimizer is about to use it (the scheduler steps
 after the optimizer).
@@ -112,6 +114,9 @@ class LayerwatchCallback(TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        loss, self._logged_loss = self._logged_loss, None
+        if loss is not None:  # logged at the last step: no step follows to carry it
+            self._session.step(state.global_step, loss=loss)
         self._session.close("finished")
 
 

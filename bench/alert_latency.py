@@ -1,7 +1,9 @@
-"""Alert latency: from the start of the ingest POST that breaks a rule to the webhook receiving the alert.
+"""Alert latency: from the start of the ingest POST that breaks a rule to the webhook receiving the alert; with
+``--client``, the whole path from the training step that breaks to the webhook.
 
     python bench/alert_latency.py                       # ~30 s: 200 alerts at 10/s, NaN loss, SQLite
     python bench/alert_latency.py --rule dead --alerts 500 --rate 20 --healthy 4
+    python bench/alert_latency.py --client              # ~2 min: a real training loop, every=10, 0.5 s steps
 
 A real collector process (SQLite, ``--no-auth``, a rules file routing every alert to one webhook) and a
 local HTTP receiver in this process. Each alert is a new run whose single batch ends with a step that
@@ -9,16 +11,27 @@ breaks a rule: a NaN loss (``non_finite``) or a layer fully dead (``dead_units``
 steps before it are healthy. ``--healthy`` clients stream healthy runs meanwhile, so the collector is not
 idle. Latency = receiver's arrival time - the time just before the POST was started (one process, one
 monotonic clock). Target: p99 < 500 ms.
+
+``--client`` trains a real MLP through ``layerwatch.watch(url=..., every=10)`` in this process, each step padded
+to ``--step-time`` seconds (a large model's step), and poisons a weight with a NaN at a chosen position of a
+report interval (after one healthy report). It prints, per position, the latency from the start of the breaking
+step to the client's own ``on_alert`` call and to the webhook, in seconds and in training steps begun after the
+breaking one (each a chance to write a poisoned optimizer state or checkpoint). The loop keeps training on the
+NaN, as an unattended job would, until the webhook has arrived. Without the early report the NaN would have
+waited for the interval's last step (position every-1): that baseline is the last position's figure plus the
+steps in between, printed beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,8 +42,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
+import torch
 import yaml
+from torch import nn
 
+import layerwatch
 from layerwatch import wire
 
 TARGET_P99_S = 0.5
@@ -47,6 +63,7 @@ class Receiver:
 
     def __init__(self) -> None:
         self.arrived: dict[str, float] = {}
+        self.rule: dict[str, str] = {}  # the rule of each run's first firing notification
         self.other = 0  # notifications that were not an expected firing (must stay 0 for healthy runs)
         self.lock = threading.Lock()
         outer = self
@@ -59,6 +76,7 @@ class Receiver:
                 with outer.lock:
                     if body["status"] == "firing" and key.startswith("bad-") and key not in outer.arrived:
                         outer.arrived[key] = now
+                        outer.rule[key] = body["alert"]["rule"]
                     else:
                         outer.other += 1
                 self.send_response(200)
@@ -138,9 +156,23 @@ def main() -> int:
     ap.add_argument("--healthy", type=int, default=2, help="clients streaming healthy runs meanwhile [2]")
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--steps", type=int, default=10, help="steps per batch [10]")
+    ap.add_argument("--client", action="store_true", help="the whole path from a real training loop's step")
+    ap.add_argument("--every", type=int, default=10, help="--client: steps per report [10]")
+    ap.add_argument("--step-time", type=float, default=0.5, help="--client: seconds per training step [0.5]")
+    ap.add_argument("--positions", default="0,3,9", help="--client: the NaN's step within the interval [0,3,9]")
+    ap.add_argument("--trials", type=int, default=3, help="--client: runs per position [3]")
     args = ap.parse_args()
 
     receiver = Receiver()
+    with collector(receiver) as (base, tmp):
+        if args.client:
+            return client_path(base, receiver, args)
+        return collector_path(base, receiver, tmp, args)
+
+
+@contextlib.contextmanager
+def collector(receiver: Receiver):
+    """A collector process (SQLite, no auth, every alert routed to ``receiver``): yields (base url, its folder)."""
     tmp = Path(tempfile.mkdtemp(prefix="lw-alert-bench-"))
     db_url = f"sqlite:///{tmp}/bench.db"
     from layerwatch_server.storage.migrations import upgrade
@@ -174,75 +206,174 @@ def main() -> int:
             if time.monotonic() > deadline:
                 raise SystemExit("collector did not start")
             time.sleep(0.1)
-
-        stop = threading.Event()
-        healthy_sent = [0]
-
-        def healthy(n: int) -> None:
-            with httpx.Client(base_url=base, timeout=30) as c:
-                key, step, seq = f"ok-{n}-{uuid.uuid4().hex[:6]}", 0, 0
-                while not stop.is_set():
-                    r = c.post("/api/v1/ingest", content=batch(key, args.layers, args.steps, None, step, seq),
-                               headers=HEADERS)  # fmt: skip
-                    r.raise_for_status()
-                    step, seq = step + args.steps, seq + 1
-                    healthy_sent[0] += 1
-                    stop.wait(0.1)
-
-        workers = [threading.Thread(target=healthy, args=(n,), daemon=True) for n in range(args.healthy)]
-        for w in workers:
-            w.start()
-
-        started: dict[str, float] = {}
-        answered: dict[str, float] = {}
-        post_s: list[float] = []
-        errors: list[str] = []
-        lock = threading.Lock()
-        bodies = [(f"bad-{i}-{uuid.uuid4().hex[:6]}", i) for i in range(args.alerts)]
-        payloads = {k: batch(k, args.layers, args.steps, args.rule) for k, _ in bodies}
-
-        def send(key: str, client: httpx.Client) -> None:
-            t0 = time.perf_counter()
-            with lock:
-                started[key] = t0
-            try:
-                r = client.post("/api/v1/ingest", content=payloads[key], headers=HEADERS)
-                r.raise_for_status()
-            except httpx.HTTPError as exc:
-                errors.append(f"{key}: {exc}")
-            with lock:
-                answered[key] = time.perf_counter()
-                post_s.append(answered[key] - t0)
-
-        # an open-loop schedule: batch i starts at i / rate, whatever the previous ones are doing
-        senders = 8
-        t_start = time.perf_counter()
-
-        def paced(offset: int) -> None:
-            with httpx.Client(base_url=base, timeout=30) as c:
-                for key, i in bodies[offset::senders]:
-                    delay = t_start + i / args.rate - time.perf_counter()
-                    if delay > 0:
-                        time.sleep(delay)
-                    send(key, c)
-
-        pool = [threading.Thread(target=paced, args=(k,)) for k in range(senders)]
-        for t in pool:
-            t.start()
-        for t in pool:
-            t.join()
-        deadline = time.monotonic() + 15
-        while len(receiver.arrived) < args.alerts and time.monotonic() < deadline:
-            time.sleep(0.05)
-        stop.set()
-        for w in workers:
-            w.join(timeout=30)
-        elapsed = time.perf_counter() - t_start
+        yield base, tmp
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
         log.close()
         receiver.server.shutdown()
+
+
+class Trial:
+    """One run: a healthy report, then a NaN at ``breaking``; training goes on until the webhook has come."""
+
+    def __init__(self, base: str, receiver: Receiver, every: int, breaking: int, step_time: float) -> None:
+        self.key = f"bad-{breaking}-{uuid.uuid4().hex[:6]}"
+        self.receiver, self.breaking, self.step_time = receiver, breaking, step_time
+        torch.manual_seed(breaking)
+        self.model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01)
+        self.local: tuple[int, float] | None = None  # (step, time) of the client's own non_finite on_alert call
+        self.step = -1
+        self.mon = layerwatch.watch(
+            self.model, run_name=self.key, run_key=self.key, project="bench", url=base, every=every,
+            on_alert=self.on_alert,
+        )  # fmt: skip
+        self.starts: list[float] = []
+        self.called = 0.0  # when the breaking step called mon.step()
+
+    def on_alert(self, alert: layerwatch.Alert) -> None:
+        if alert.rule == "non_finite" and alert.local and self.local is None:
+            self.local = (self.step, time.perf_counter())
+
+    def run(self, limit: int) -> None:
+        x, y = torch.randn(128, 64), torch.randint(0, 10, (128,))
+        for self.step in range(limit):
+            start = time.perf_counter()
+            self.starts.append(start)
+            if self.step == self.breaking:
+                with torch.no_grad():
+                    self.model[2].weight[0, 0] = float("nan")
+            loss = nn.functional.cross_entropy(self.model(x), y)
+            loss.backward()
+            if self.step == self.breaking:
+                self.called = time.perf_counter()
+            self.mon.step(loss=loss, lr=0.01)
+            self.opt.step()
+            self.opt.zero_grad()
+            if self.key in self.receiver.arrived:
+                break
+            time.sleep(max(self.step_time - (time.perf_counter() - start), 0.0))  # the rest of a big model's step
+        self.mon.close()
+
+    def result(self) -> tuple[float, int, float, int] | None:
+        """To the local on_alert: seconds from the breaking step's mon.step() call, steps begun after the breaking
+        one; to the webhook: seconds from the breaking step's start, steps begun after it."""
+        hook = self.receiver.arrived.get(self.key)
+        if hook is None or self.local is None:
+            return None
+        t0 = self.starts[self.breaking]
+        after = sum(1 for t in self.starts[self.breaking + 1 :] if t < hook)
+        return self.local[1] - self.called, self.local[0] - self.breaking, hook - t0, after
+
+
+def client_path(base: str, receiver: Receiver, args: argparse.Namespace) -> int:
+    """The whole path: a training step that breaks -> the client's own on_alert, and -> the webhook."""
+    positions = [int(p) for p in args.positions.split(",")]
+    print(f"whole path: every={args.every}, step time {args.step_time:.2f} s, {args.trials} runs per position; "
+          f"torch {torch.__version__} on CPU ({torch.get_num_threads()} threads)")  # fmt: skip
+    print(f"{'NaN at':>8} | {'on_alert (local), from step()':>30} | {'webhook, from the step start':>28} | "
+          f"{'webhook without early report':>30}")  # fmt: skip
+    rows: dict[int, list[tuple[float, int, float, int]]] = {}
+    missing = 0
+    for position in positions:
+        for _ in range(args.trials):
+            trial = Trial(base, receiver, args.every, args.every + position, args.step_time)
+            trial.run(limit=3 * args.every + position)
+            deadline = time.monotonic() + 15
+            while trial.key not in receiver.arrived and time.monotonic() < deadline:
+                time.sleep(0.02)
+            result = trial.result()
+            if result is None or receiver.rule.get(trial.key) != "non_finite":
+                missing += 1
+                continue
+            rows.setdefault(position, []).append(result)
+    last = rows.get(args.every - 1)
+    for position in positions:
+        got = rows.get(position, [])
+        if not got:
+            print(f"{position:>5}/{args.every} | nothing arrived")
+            continue
+        local_s, local_steps, hook_s, hook_steps = (statistics.median(c) for c in zip(*got, strict=True))
+        baseline = "-"
+        if last:  # the last position's path, reached (every-1-position) steps later
+            wait = args.every - 1 - position
+            base_s = statistics.median(r[2] for r in last) + wait * args.step_time
+            base_steps = statistics.median(r[3] for r in last) + wait
+            baseline = f"{base_s:6.2f} s, {base_steps:4.1f} steps"
+        print(f"{position:>5}/{args.every} | {local_s * 1e3:12.1f} ms, {local_steps:4.1f} steps later | "
+              f"{hook_s:9.2f} s, {hook_steps:4.1f} steps later | {baseline:>30}")  # fmt: skip
+    worst = max((r[2] for got in rows.values() for r in got), default=float("nan"))
+    print(f"medians over {args.trials} runs; worst webhook {worst:.2f} s; runs without a non_finite page: {missing}; "
+          "steps = training steps begun after the breaking one")  # fmt: skip
+    return 0 if missing == 0 and rows else 1
+
+
+def collector_path(base: str, receiver: Receiver, tmp: Path, args: argparse.Namespace) -> int:
+    """Runs that each break a rule in one POSTed batch, at a fixed rate, while healthy clients stream."""
+    stop = threading.Event()
+    healthy_sent = [0]
+
+    def healthy(n: int) -> None:
+        with httpx.Client(base_url=base, timeout=30) as c:
+            key, step, seq = f"ok-{n}-{uuid.uuid4().hex[:6]}", 0, 0
+            while not stop.is_set():
+                r = c.post("/api/v1/ingest", content=batch(key, args.layers, args.steps, None, step, seq),
+                           headers=HEADERS)  # fmt: skip
+                r.raise_for_status()
+                step, seq = step + args.steps, seq + 1
+                healthy_sent[0] += 1
+                stop.wait(0.1)
+
+    workers = [threading.Thread(target=healthy, args=(n,), daemon=True) for n in range(args.healthy)]
+    for w in workers:
+        w.start()
+
+    started: dict[str, float] = {}
+    answered: dict[str, float] = {}
+    post_s: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    bodies = [(f"bad-{i}-{uuid.uuid4().hex[:6]}", i) for i in range(args.alerts)]
+    payloads = {k: batch(k, args.layers, args.steps, args.rule) for k, _ in bodies}
+
+    def send(key: str, client: httpx.Client) -> None:
+        t0 = time.perf_counter()
+        with lock:
+            started[key] = t0
+        try:
+            r = client.post("/api/v1/ingest", content=payloads[key], headers=HEADERS)
+            r.raise_for_status()
+        except httpx.HTTPError as exc:
+            errors.append(f"{key}: {exc}")
+        with lock:
+            answered[key] = time.perf_counter()
+            post_s.append(answered[key] - t0)
+
+    # an open-loop schedule: batch i starts at i / rate, whatever the previous ones are doing
+    senders = 8
+    t_start = time.perf_counter()
+
+    def paced(offset: int) -> None:
+        with httpx.Client(base_url=base, timeout=30) as c:
+            for key, i in bodies[offset::senders]:
+                delay = t_start + i / args.rate - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                send(key, c)
+
+    pool = [threading.Thread(target=paced, args=(k,)) for k in range(senders)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    deadline = time.monotonic() + 15
+    while len(receiver.arrived) < args.alerts and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    for w in workers:
+        w.join(timeout=30)
+    elapsed = time.perf_counter() - t_start
 
     lat = [receiver.arrived[k] - started[k] for k in started if k in receiver.arrived]
     print(f"rule={args.rule} alerts={args.alerts} rate={args.rate}/s healthy_clients={args.healthy} "

@@ -58,7 +58,7 @@ def _client(db_url, engine, tmp_path, port: int) -> TestClient:
 
 
 def _dead_batch(key: str, project: str) -> dict[str, Any]:
-    """Layer blocks.0.fc fully dead for 3 reports (dead_units, ``for: 3``), every count clean otherwise."""
+    """Layer blocks.0.fc fully dead for 3 reports (dead_units fires at the second), every count clean otherwise."""
     over: dict[tuple[int, int, str], float | None] = {(s, 0, "dead_frac"): 1.0 for s in range(3)}
     over.update({(s, 0, "nonfinite"): 0.0 for s in range(3)})
     batch = make_batch(key, steps=range(3), project=project, n_layers=1, overrides=over)
@@ -78,7 +78,7 @@ def test_email_arrives_with_the_alert_context(db_url, engine, tmp_path, smtp):
     assert msg["Subject"] == f"[layerwatch WARNING] dead_units blocks.0.fc run run {key}"
     assert msg["Message-ID"] == f"<{note[0]['key']}@layerwatch>"  # the idempotency key
     text = msg.get_content()
-    assert f"project {project}" in text and "layer: blocks.0.fc" in text and "step: 2" in text
+    assert f"project {project}" in text and "layer: blocks.0.fc" in text and "step: 1" in text  # for: 2
     assert "100% of its 16 units dead" in text
     assert "dead_frac=1" in text  # the recent reports of the offending series
     assert f"alert: http://collector.local:8000/api/v1/alerts/{alert['id']}" in text

@@ -79,7 +79,7 @@ def test_rules_crud_with_an_admin_token(app_client, admin, token):
     assert put.status_code == 200 and put.json()["threshold"] == 5000.0
     # a built-in can be tuned through the API too
     tuned = app_client.put("/api/v1/rules/saturation", json={"threshold": 0.9, "project": project}, headers=admin)
-    assert tuned.status_code == 200 and tuned.json()["kind"] == "saturation" and tuned.json()["for"] == 3
+    assert tuned.status_code == 200 and tuned.json()["kind"] == "saturation" and tuned.json()["for"] == 2
 
     assert app_client.delete(f"/api/v1/rules/{rule['name']}", headers=admin).status_code == 204
     assert app_client.delete(f"/api/v1/rules/{rule['name']}", headers=admin).status_code == 404

@@ -56,6 +56,7 @@ def alertmanager_alert(p: dict[str, Any], renotify_s: float) -> dict[str, Any]:
         "step": str(a["step"]),
         "value": str(a["value"]),
         "threshold": str(a["threshold"]),
+        "layers": ", ".join(p.get("incident", {}).get("layers") or []),
     }
     start = a["fired_at"] or a["started_at"]
     if p["status"] == "resolved":

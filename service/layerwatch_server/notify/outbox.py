@@ -44,8 +44,10 @@ def enqueue(
     obs: Obs | None,
     now: dt.datetime,
     tag: str = "",
+    layers: list[str] | None = None,
 ) -> list[OutboxRow]:
-    """Queue ``status`` of ``alert`` for every routed channel, unless a silence covers it."""
+    """Queue ``status`` of ``alert`` for every routed channel, unless a silence covers it. ``layers``: every layer
+    of the (run, rule) incident the notification speaks for (default: the alert's own)."""
     channels = cfg.channels_for(alert.project, alert.severity)
     if not channels:
         return []
@@ -55,7 +57,7 @@ def enqueue(
     rows = []
     for ch in channels:
         key = f"{alert.id}-{alert.episode}-{status}{tag}-{ch}"
-        payload = build(session, alert, status, obs, cfg.notify, key)
+        payload = build(session, alert, status, obs, cfg.notify, key, layers)
         rows.append(
             OutboxRow(
                 alert_id=alert.id,

@@ -36,7 +36,19 @@ def recent_reports(conn: Connection, run_id: str, rank: int, series: tuple[str, 
     return [{k: v for k, v in r.items() if k not in ("run_id", col, "rank")} for r in reversed(list(rows))]
 
 
-def build(session: Session, alert: AlertRow, status: str, obs: Obs | None, notify: Notify, key: str) -> dict[str, Any]:
+def build(
+    session: Session,
+    alert: AlertRow,
+    status: str,
+    obs: Obs | None,
+    notify: Notify,
+    key: str,
+    layers: list[str] | None = None,
+) -> dict[str, Any]:
+    """The notification of one (run, rule) incident: ``alert`` is the one that leads it (its id and episode make
+    the key), ``incident.layers`` every layer of the rule it speaks for."""
+    if layers is None:
+        layers = [alert.layer_key] if alert.layer_key else []
     run_row = session.get(Run, alert.run_id)
     conn = session.connection()
     evidence: dict[str, Any] = {"recent": [], "nonfinite_origin": run_row.nonfinite_origin if run_row else None}
@@ -65,6 +77,7 @@ def build(session: Session, alert: AlertRow, status: str, obs: Obs | None, notif
             },
             "evidence": evidence,
             "links": links,
+            "incident": {"rule": alert.rule, "layers": layers},
         }
     )
 
@@ -79,6 +92,10 @@ def text(p: dict[str, Any]) -> str:
         a["message"],
         f"layer: {a['layer'] or '-'}  step: {a['step']}  value: {a['value']}  threshold: {a['threshold']}",
     ]
+    layers = p.get("incident", {}).get("layers") or []
+    if len(layers) > 1 or (layers and layers[0] != a["layer"]):
+        shown = ", ".join(layers[:20]) + (f", ... ({len(layers) - 20} more)" if len(layers) > 20 else "")
+        lines.append(f"{len(layers)} layers: {shown}")
     origin = p["evidence"].get("nonfinite_origin")
     if origin:
         lines.append(

@@ -46,6 +46,8 @@ class StepView:
     lr: float | None = None
     # Layers whose dead_frac means something on its own (see ``dead_judged``); None: all of them.
     dead_judged: set[str] | None = None
+    # Linear/Conv outputs among them: a functional ReLU may follow, or a residual sum (see ``dead_units``).
+    pre_activations: frozenset[str] = frozenset()
 
 
 def view(batch: Batch, s: StepIn, detailed: bool = True) -> StepView:
@@ -63,9 +65,11 @@ def view(batch: Batch, s: StepIn, detailed: bool = True) -> StepView:
         p = pmeta[int(row[0])]
         v.params[p.name] = (p.shape, dict(zip(batch.param_stats, row[1:], strict=True)))
     v.dead_judged = dead_judged((d.index, d.name, d.type) for d in batch.layers)
+    v.pre_activations = frozenset(d.name for d in batch.layers if d.type in PRE_ACTIVATIONS)
     return v
 
 
+PRE_ACTIVATION_DEAD = 0.9  # dead_units' bar for a Linear/Conv output judged as if a functional ReLU followed
 PRE_ACTIVATIONS = frozenset(
     {"Linear", "Bilinear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"}
 )
@@ -145,14 +149,17 @@ def dead_units(r: Rule, v: StepView) -> list[Obs]:
             continue
         if (st.get("nonfinite") or 0) > 0 or _bad(st.get("act_max_abs")):
             continue  # NaN is never "active": after a NaN every unit reads dead, which non_finite already says
+        # A Linear/Conv output with no activation module after it: dead units of a functional ReLU, or the
+        # negative half of a residual branch (a transformer's attention output); only nearly all is a finding.
+        bar = max(r.threshold, PRE_ACTIVATION_DEAD) if name in v.pre_activations else r.threshold
         out.append(
             Obs(
                 r.name,
                 name,
-                df > r.threshold,
+                df > bar,
                 df,
-                r.threshold,
-                f"layer {name}: {df:.0%} of its {units} units dead (threshold {r.threshold:.0%})",
+                bar,
+                f"layer {name}: {df:.0%} of its {units} units dead (threshold {bar:.0%})",
                 ("layer", name, "dead_frac"),
             )
         )
@@ -185,7 +192,8 @@ def saturation(r: Rule, v: StepView) -> list[Obs]:
 
 
 def _weights(v: StepView) -> list[tuple[str, float]]:
-    """(module name, grad norm) of matrix-shaped parameters in model order, where reported and finite."""
+    """(module name, grad norm) of matrix-shaped parameters in model order, where reported and finite. A parameter
+    without a gradient (frozen, ``requires_grad=False``, grad None) has no row here: the client sends none."""
     return [
         (name.rsplit(".", 1)[0], st["grad_norm"])
         for name, (shape, st) in v.params.items()
@@ -193,56 +201,166 @@ def _weights(v: StepView) -> list[tuple[str, float]]:
     ]
 
 
-def gradients(r: Rule, v: StepView, exploding: bool) -> list[Obs]:
+def _norm(weight: tuple[str, float]) -> float:
+    return weight[1]
+
+
+def _push(hist: list[float], x: float, keep: int) -> None:
+    """Append ``x`` (6 significant digits: the memory is JSON, written with every batch) and keep the last ``keep``."""
+    hist.append(float(f"{x:.6g}"))
+    del hist[:-keep]
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    """The ``q`` quantile of sorted values, interpolated."""
+    at = q * (len(ordered) - 1)
+    lo = int(at)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (at - lo)
+
+
+def _robust(values: list[float]) -> tuple[float, float]:
+    """(median, spread) of ``values``. The spread is the larger of 1.4826 x MAD and the distance from the median to
+    the 90th percentile over 1.2816 (both are one standard deviation for a normal): a loss whose batches are often
+    near zero (tiny batches) has a small MAD but a long upper tail, and that tail is its normal noise."""
+    ordered = sorted(values)
+    med = _quantile(ordered, 0.5)
+    mad = _quantile(sorted(abs(x - med) for x in ordered), 0.5)
+    return med, max(1.4826 * mad, (_quantile(ordered, 0.9) - med) / 1.2816)
+
+
+def gradient_jump(r: Rule, v: StepView, mem: dict[str, Any]) -> Obs | None:
+    """``grad_norm_total`` against its own rolling median (every step, from the second one on): a norm ``factor``
+    times the run's recent typical norm is an explosion whatever the model's scale."""
+    g = v.grad_norm_total
+    if g is None or not math.isfinite(g) or not r.factor:
+        return None
+    hist: list[float] = mem.setdefault(f"{r.name}.total", [])
+    obs = None
+    if hist:
+        base = statistics.median(hist)
+        limit = r.factor * base
+        times = g / base if base else math.inf
+        msg = f"total gradient norm {g:.3g} at step {v.step} is {times:.3g}x its recent median {base:.3g}"
+        obs = Obs(r.name, "", base > 0 and g > limit, g, limit, msg)
+    _push(hist, g, r.window or 100)
+    return obs
+
+
+def gradients(r: Rule, v: StepView, exploding: bool, mem: dict[str, Any], report: bool) -> list[Obs]:
+    """Per layer: the weight's gradient norm against the absolute ``threshold``, at reports. Run level: the
+    first/last weight-layer ratio against ``ratio`` (at reports; remembered between them) and, for exploding
+    gradients, the total norm's jump (every step); one run-level observation says whether either holds."""
     out = []
-    lively = v.loss is None or not math.isfinite(v.loss) or v.loss > (r.loss_floor or 0.0)
-    weights = _weights(v)
-    for module, g in weights:
-        if not r.matches_layer(module):
-            continue
-        breach = g > r.threshold if exploding else (g < r.threshold and lively)
-        word = "above" if exploding else "below"
-        msg = f"layer {module}: gradient norm {g:.3g} {word} {r.threshold:.3g}"
-        out.append(Obs(r.name, module, breach, g, r.threshold, msg, ("param", f"{module}.weight", "grad_norm")))
-    if r.ratio is not None and len(weights) >= 2 and weights[-1][1] > 0:
-        (first, g0), (last, g1) = weights[0], weights[-1]
-        ratio = g0 / g1
-        breach = ratio > r.ratio if exploding else ratio < r.ratio
-        msg = f"gradient norm ratio first/last layer ({first}/{last}) = {ratio:.3g}, bound {r.ratio:.3g}"
-        out.append(Obs(r.name, "", breach, ratio, r.ratio, msg))
+    ratio_key = f"{r.name}.ratio"
+    if report:
+        lively = v.loss is None or not math.isfinite(v.loss) or v.loss > (r.loss_floor or 0.0)
+        weights = _weights(v)
+        for module, g in weights:
+            if not r.matches_layer(module):
+                continue
+            breach = g > r.threshold if exploding else (g < r.threshold and lively)
+            word = "above" if exploding else "below"
+            msg = f"layer {module}: gradient norm {g:.3g} {word} {r.threshold:.3g}"
+            out.append(Obs(r.name, module, breach, g, r.threshold, msg, ("param", f"{module}.weight", "grad_norm")))
+        mem.pop(ratio_key, None)
+        if r.ratio is not None and len(weights) >= 2:
+            # The largest norm of the bottom quarter of the weight layers against that of the top quarter: one
+            # matrix alone (an attention query at init, the first layer left trainable) may well be tiny.
+            k = max(1, len(weights) // 4)
+            (first, g0), (last, g1) = max(weights[:k], key=_norm), max(weights[-k:], key=_norm)
+            if g1 > 0:
+                ratio = g0 / g1
+                breach = (ratio > r.ratio if exploding else ratio < r.ratio) and (exploding or lively)
+                msg = f"gradient norm ratio bottom/top layers ({first}/{last}) = {ratio:.3g}, bound {r.ratio:.3g}"
+                mem[ratio_key] = [breach, ratio, r.ratio, msg]
+    jump = gradient_jump(r, v, mem) if exploding else None
+    kept = mem.get(ratio_key)
+    if jump is not None and (jump.breach or not (kept and kept[0])):
+        out.append(jump)
+    elif kept and (report or kept[0]):
+        breach, value, bound, msg = kept
+        out.append(Obs(r.name, "", breach, value, bound, msg))
     return out
 
 
+RISE_OF = (2, 3)  # the rise bound holds at 2 of the last 3 steps (this one included)
+RISE_MIN_REL = 0.1  # and is at least 10% above the median (a noise-free loss has no spread to speak of)
+
+
 def loss_spike(r: Rule, v: StepView, mem: dict[str, Any]) -> list[Obs]:
+    """The loss against the last ``window`` losses (after ``warmup`` of them). A spike: one step above ``median +
+    max(threshold x spread, min_rel x |median|, 2 x (highest - median))``. The start of a divergence: 2 of the last
+    3 steps above ``median + max(rise x spread, 0.1 x |median|)`` (each alone could be noise, two in three are
+    not). A blow-up, from the second step on, warm-up or not: above ``factor`` x the median of the first five."""
     if v.loss is None or not math.isfinite(v.loss):
         return []
     hist: list[float] = mem.setdefault(r.name, [])
-    out = []
+    first: list[float] = mem.setdefault(f"{r.name}.first", [])
+    risen: list[bool] = mem.setdefault(f"{r.name}.rise", [])
+    bounds: list[tuple[float, str]] = []
+    if first and r.factor:
+        start = statistics.median(first)
+        bounds.append((r.factor * abs(start), f"{r.factor:.3g}x the first losses' median {start:.4g}"))
+    rise = False
     if len(hist) >= (r.warmup or 1):
-        med = statistics.median(hist)
-        spread = 1.4826 * statistics.median(abs(x - med) for x in hist)
-        limit = med + max(r.threshold * spread, (r.min_rel or 0.0) * abs(med))
-        msg = f"loss {v.loss:.4g} at step {v.step} above {limit:.4g} (median {med:.4g}, robust sd {spread:.3g})"
+        med, spread = _robust(hist)
+        top = max(hist) - med  # a spike goes twice as far as the window's highest loss: an outlier of the kind
+        limit = med + max(r.threshold * spread, (r.min_rel or 0.0) * abs(med), 2 * top)  # seen lately is noise
+        why = (
+            f"median {med:.4g} + max({r.threshold:.3g} x spread {spread:.3g}, {r.min_rel:.3g} x median, 2 x {top:.3g})"
+        )
+        bounds.append((limit, why))
+        if r.rise:
+            low = med + max(r.rise * spread, RISE_MIN_REL * abs(med))
+            rise = v.loss > low
+            if rise and sum(risen) + 1 >= RISE_OF[0]:
+                why = f"median {med:.4g} + max({r.rise:.3g} x spread {spread:.3g}, {RISE_MIN_REL:.3g} x median)"
+                bounds.append((low, f"{why}, at {sum(risen) + 1} of the last {RISE_OF[1]} steps"))
+    out = []
+    if bounds:
+        limit, why = min(bounds)
+        msg = f"loss {v.loss:.4g} at step {v.step} above {limit:.4g} ({why})"
         out.append(Obs(r.name, "", v.loss > limit, v.loss, limit, msg))
-    hist.append(v.loss)
-    del hist[: -(r.window or 50)]
+    risen.append(rise)
+    del risen[: -(RISE_OF[1] - 1)]
+    if len(first) < 5:
+        _push(first, v.loss, 5)
+    _push(hist, v.loss, r.window or 100)
     return out
 
 
 def loss_plateau(r: Rule, v: StepView, mem: dict[str, Any]) -> list[Obs]:
+    """A trend, not a best: the median of the last ``patience`` steps' block medians (blocks of ``window`` steps)
+    against the median of the ``patience`` steps before them. It breaches when the change either way is within a
+    margin: ``min_delta`` of the loss, or ``threshold`` standard errors of the difference (from the blocks' own
+    spread) when the loss is noisier than that; a gain inside the noise is no progress. Judged at block ends."""
     if v.loss is None or not math.isfinite(v.loss):
         return []
-    p = mem.setdefault(r.name, {"recent": [], "best": None, "best_step": v.step})
-    p["recent"] = [*p["recent"], v.loss][-(r.window or 10) :]
-    if len(p["recent"]) < (r.window or 10):
+    size, span = r.window or 10, max(2, (r.patience or 300) // (r.window or 10))
+    block: list[float] = mem.setdefault(f"{r.name}.block", [])
+    medians: list[float] = mem.setdefault(r.name, [])
+    block.append(v.loss)
+    if len(block) < size:
         return []
-    smooth = sum(p["recent"]) / len(p["recent"])
-    if p["best"] is None or smooth < p["best"] * (1 - (r.min_delta or 0.0)):
-        p["best"], p["best_step"] = smooth, v.step
-    stuck = v.step - p["best_step"]
-    breach = stuck >= (r.patience or 300) and smooth > (r.loss_floor or 0.0)
-    msg = f"loss {smooth:.4g} has not improved on {p['best']:.4g} for {stuck} steps"
-    return [Obs(r.name, "", breach, smooth, p["best"], msg)]
+    _push(medians, statistics.median(block), 2 * span)
+    block.clear()
+    if len(medians) < 2 * span:
+        return []
+    before, recent = medians[:span], medians[span:]
+    old, new = statistics.median(before), statistics.median(recent)
+    spread = 1.4826 * statistics.median([abs(x - old) for x in before] + [abs(x - new) for x in recent])
+    stderr = 1.2533 * spread * math.sqrt(2 / span)  # of a difference of two medians of `span` blocks
+    gain = old - new
+    margin = max((r.min_delta or 0.0) * abs(old), r.threshold * stderr)
+    # flat: neither a gain nor a rise beyond the margin (a rising loss is loss_spike's, or a new task's)
+    breach = -margin < gain < margin and new > (r.loss_floor or 0.0)
+    msg = (
+        f"loss median {new:.4g} over the last {span * size} steps vs {old:.4g} over the {span * size} before: "
+        f"changed {-gain / abs(old) if old else 0.0:+.1%}, within the margin {margin:.3g} "
+        f"(max of {r.min_delta:.1%} and {r.threshold:.3g} standard errors)"
+    )
+    return [Obs(r.name, "", breach, new, old, msg)]
 
 
 def threshold(r: Rule, v: StepView) -> list[Obs]:
@@ -281,14 +399,16 @@ def evaluate_step(
             out += loss_spike(r, v, mem)
         elif r.kind == "loss_plateau":
             out += loss_plateau(r, v, mem)
+        elif r.kind == "exploding_gradients":
+            out += gradients(r, v, True, mem, report)
         elif not report and not (r.kind == "threshold" and r.stat not in wire.LAYER_STATS + wire.PARAM_STATS):
             continue
         elif r.kind == "dead_units":
             out += dead_units(r, v)
         elif r.kind == "saturation":
             out += saturation(r, v)
-        elif r.kind in ("exploding_gradients", "vanishing_gradients"):
-            out += gradients(r, v, r.kind == "exploding_gradients")
+        elif r.kind == "vanishing_gradients":
+            out += gradients(r, v, False, mem, report)
         elif r.kind == "threshold":
             out += threshold(r, v)
     return out

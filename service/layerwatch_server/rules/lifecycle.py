@@ -1,8 +1,9 @@
 """Alert lifecycle: observations -> pending -> firing -> resolved, one alert per (run, rule, layer).
 
 A breach counts towards the rule's ``for``; below it the alert is pending, at it the alert fires (and a
-notification is queued). The first clean observation resolves it; a resolved alert that breaches again
-re-opens the same row with a new episode, so its notifications get fresh idempotency keys.
+notification may be queued: ``rules.incidents`` pages once per (run, rule) incident). The first clean observation
+resolves a pending alert, ``clear`` of them in a row a firing one; a resolved alert that breaches again re-opens
+the same row with a new episode, so its notifications get fresh idempotency keys.
 
 The ranks of a DDP run share the run's alerts but see different data (their own loss, activations and
 saturation), so near a bound one rank may breach while another does not. An open alert belongs to the rank that
@@ -78,8 +79,14 @@ class Lifecycle:
         if not obs.breach:
             self.counters.pop(key, None)
             if row is not None and row.state in OPEN and row.rank == self.rank:
-                self.resolve(row, obs, step)
+                # a firing alert clears after `clear` clean observations in a row (a diverging loss that dips
+                # for a step is one incident); a pending one, never announced, at the first
+                clean = self.counters[f"{key}|clean"] = self.counters.get(f"{key}|clean", 0) + 1
+                if row.state == "pending" or clean >= rule.clear:
+                    self.counters.pop(f"{key}|clean", None)
+                    self.resolve(row, obs, step)
             return
+        self.counters.pop(f"{key}|clean", None)
         n = self.counters[key] = self.counters.get(key, 0) + 1
         if row is None or row.state == "resolved":
             row = self._open(row, obs, rule, step)

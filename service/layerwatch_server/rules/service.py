@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from layerwatch_server.core.batch import Batch
 from layerwatch_server.notify.outbox import enqueue
 from layerwatch_server.notify.sender import Sender
-from layerwatch_server.rules import store
+from layerwatch_server.rules import incidents, store
 from layerwatch_server.rules.config import AlertingConfig
 from layerwatch_server.rules.evaluate import Obs, evaluate_step, needs_detail, view
 from layerwatch_server.rules.lifecycle import OPEN, Lifecycle, alert_dict
@@ -141,8 +141,13 @@ class Alerting:
         alerts = store.load(conn, res.run_id)
         ordered = sorted((x for x in batch.steps if x.step > mem.get("last_step", -1)), key=lambda x: x.step)
 
+        events: list[tuple[AlertRow, str, Obs | None]] = []
+
         def transition(row: AlertRow, status: str, obs: Obs | None) -> None:
-            queued.extend(enqueue(s, self.cfg, row, status, obs, now))
+            events.append((row, status, obs))
+
+        def send(row: AlertRow, status: str, obs: Obs | None, layers: list[str]) -> None:
+            queued.extend(enqueue(s, self.cfg, row, status, obs, now, layers=layers))
 
         counters = mem.setdefault("counters", {})
         lc = Lifecycle(res.run_id, batch.run.project, batch.rank, alerts, counters, transition, now, store.AlertRecord)
@@ -159,6 +164,7 @@ class Alerting:
             lc.resolve(stalled, None, ordered[-1].step, "the run is sending data again")
         if ordered:
             mem["last_step"] = ordered[-1].step
+        incidents.page(events, alerts.values(), send)  # one page per (run, rule) incident
         store.save(conn, alerts.values())
         conn.execute(_SAVE_MEMORY, {"r_id": res.run_id, "r_rank": batch.rank, "r_data": mem, "r_now": now})
         keep = dt.timedelta(seconds=self.cfg.notify.resolved_visible_s)
@@ -235,8 +241,12 @@ class Alerting:
                 s.add_all(lc.new)
                 stalled_runs.append((run.id, [alert_dict(a) for a in (*alerts.values(), *lc.new)]))
             due = now - dt.timedelta(seconds=self.cfg.notify.renotify_s)
+            # Only an incident's lead has notified_at set: one re-notification per incident, naming its layers.
             for a in s.scalars(select(AlertRow).where(AlertRow.state == "firing", AlertRow.notified_at < due)):
-                queued.extend(enqueue(s, self.cfg, a, "firing", None, now, tag=f"-r{int(now.timestamp())}"))
+                peers = s.scalars(select(AlertRow).where(AlertRow.run_id == a.run_id, AlertRow.rule == a.rule))
+                layers = incidents.incident_layers(peers, a.rule)
+                tag = f"-r{int(now.timestamp())}"
+                queued.extend(enqueue(s, self.cfg, a, "firing", None, now, tag=tag, layers=layers))
         if queued:
             self.sender.hand(queued)
         for run_id, run_alerts in stalled_runs:

@@ -29,12 +29,30 @@ BUILTIN_KINDS = (
 # Tuned so healthy runs stay quiet (see tests/scenarios); the "why" of each number is in docs/alerts.md.
 BUILTINS: dict[str, dict[str, Any]] = {
     "non_finite": {"severity": "critical", "for": 1},
-    "dead_units": {"threshold": 0.5, "run_threshold": 0.5, "for": 3},
-    "loss_spike": {"threshold": 10.0, "window": 50, "warmup": 20, "min_rel": 0.5, "for": 1},
-    "exploding_gradients": {"threshold": 1e3, "ratio": 1e3, "for": 3},
-    "vanishing_gradients": {"threshold": 1e-8, "ratio": 1e-3, "loss_floor": 1e-4, "for": 5},
-    "saturation": {"threshold": 0.5, "for": 3},
-    "loss_plateau": {"patience": 300, "min_delta": 0.01, "window": 10, "loss_floor": 1e-4, "for": 1},
+    "dead_units": {"threshold": 0.5, "run_threshold": 0.5, "for": 2},
+    "loss_spike": {
+        "threshold": 10.0,
+        "rise": 4.0,
+        "window": 100,
+        "warmup": 20,
+        "min_rel": 0.5,
+        "factor": 100.0,
+        "for": 1,
+        "clear": 10,
+    },
+    "exploding_gradients": {"threshold": 1e4, "ratio": 1e3, "factor": 100.0, "window": 100, "for": 1, "clear": 10},
+    "vanishing_gradients": {"threshold": 1e-8, "ratio": 1e-3, "loss_floor": 1e-4, "for": 2},
+    "saturation": {"threshold": 0.5, "for": 2},
+    "loss_plateau": {
+        "enabled": False,
+        "severity": "info",
+        "patience": 300,
+        "window": 10,
+        "min_delta": 0.01,
+        "threshold": 2.0,
+        "loss_floor": 1e-4,
+        "for": 1,
+    },
     "stalled": {"severity": "critical", "threshold": 300.0},
 }
 KNOWN_STATS = (*wire.STEP_STATS, *wire.LAYER_STATS, *wire.PARAM_STATS)
@@ -54,6 +72,7 @@ class Rule(BaseModel):
     enabled: bool = True
     severity: Severity = "warning"
     for_: int = Field(1, ge=1, le=10_000, alias="for", description="consecutive reports before firing")
+    clear: int = Field(1, ge=1, le=10_000, description="consecutive clean reports before a firing alert resolves")
     threshold: float | None = None
     project: str | None = Field(None, description="only runs of this project (API/file rules)")
     # threshold rules
@@ -66,6 +85,8 @@ class Rule(BaseModel):
     warmup: int | None = Field(None, ge=1, le=100_000)
     min_rel: float | None = Field(None, ge=0)
     ratio: float | None = Field(None, gt=0)
+    factor: float | None = Field(None, gt=1, description="a multiple of the run's own typical value")
+    rise: float | None = Field(None, gt=0, description="loss_spike: spreads above the median at 2 of 3 steps")
     loss_floor: float | None = Field(None, ge=0)
     patience: int | None = Field(None, ge=1)
     min_delta: float | None = Field(None, ge=0, lt=1)

@@ -189,7 +189,7 @@ def test_sigterm_lets_inflight_ingest_commit(pg_url, tmp_path):
     import threading
 
     upgrade(pg_url)
-    big = make_batch("sigterm", steps=range(160), n_layers=300, project="term")  # 48,000 layer rows
+    big = make_batch("sigterm", steps=range(80), n_layers=300, project="term")  # 24,000 layer rows (and param rows)
     result = {}
     with running_server(pg_url, log_path=tmp_path / "s.log", env={"LAYERWATCH_NO_AUTH": "1"}) as (base, proc):
 
@@ -206,11 +206,11 @@ def test_sigterm_lets_inflight_ingest_commit(pg_url, tmp_path):
         proc.wait(60)
     resp = result["resp"]
     assert resp.status_code == 202, resp.text
-    assert resp.json()["accepted"]["layer_rows"] == 48_000
+    assert resp.json()["accepted"]["layer_rows"] == 24_000
     engine = make_engine(pg_url)
     with engine.connect() as conn:
         run_rows = conn.scalar(
             select(func.count()).select_from(layer_stats).where(layer_stats.c.run_id == resp.json()["run_id"])
         )
     engine.dispose()
-    assert run_rows == 48_000
+    assert run_rows == 24_000

@@ -23,10 +23,10 @@ from layerwatch_server.storage.base import json_serializer
 MAX_STEPS = 10_000
 # Layers in one batch, and layers a run may have over its life (the same for parameters): well above real
 # models (a 70B-parameter transformer has about a thousand modules). With MAX_ROWS (layer and parameter rows
-# in one batch; a client report carries one row per layer and parameter) this bounds how long one batch holds
-# the SQLite writer: about half a second at the limit (bench/wide_batch.py).
+# in one batch: a client's report carries one per layer and parameter, so a report of the widest model fits)
+# this bounds how long one batch holds the SQLite writer (bench/wide_batch.py measures it).
 MAX_SERIES = 20_000
-MAX_ROWS = 100_000
+MAX_ROWS = 50_000
 MAX_CONFIG_DEPTH = 32
 MAX_CONFIG_BYTES = 256 * 1024  # as JSON
 

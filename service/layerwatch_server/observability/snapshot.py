@@ -43,6 +43,7 @@ class _Run:
     agg: dict[str, float] = field(default_factory=dict)
     alerts: dict[tuple[str, str, str], int] = field(default_factory=dict)  # (rule, severity, state) -> n
     selected: dict[str, bool] = field(default_factory=dict)  # name -> exposed? (decided once per name)
+    exposed: int = 0  # how many of ``selected`` are (counted, not summed per name: a run may have 20,000)
 
 
 class LatestSnapshot(Collector):
@@ -92,9 +93,9 @@ class LatestSnapshot(Collector):
     def _pick(self, run: _Run, name: str) -> bool:
         hit = run.selected.get(name)
         if hit is None:
-            exposed = sum(run.selected.values())
-            hit = exposed < self.max_layers and (self._regex is None or bool(self._regex.search(name)))
+            hit = run.exposed < self.max_layers and (self._regex is None or bool(self._regex.search(name)))
             run.selected[name] = hit
+            run.exposed += hit
         return hit
 
     def _series(

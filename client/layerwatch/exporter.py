@@ -110,7 +110,10 @@ class Exporter:
 
     # -- training thread --------------------------------------------------------------------------------
     def submit(self, report: Report) -> None:
-        """Hand over a report; never blocks. Any time, from any thread, closed or not."""
+        """Hand over a report; never blocks. Any time, from any thread; after close() it is dropped and counted."""
+        if self._closed:
+            self.counters.add("dropped_reports")
+            return
         try:
             self._reports.put_nowait(report)
         except queue.Full:
@@ -133,7 +136,11 @@ class Exporter:
                 self.counters.add("dropped_reports")
                 log.exception("layerwatch: could not build a batch; the report is dropped and counted")
                 continue
-            self._enqueue(packed)
+            try:
+                self._enqueue(packed)
+            except Exception:  # a bug here must not end the exporter for the rest of the run
+                self.counters.add("dropped_batches")
+                log.exception("layerwatch: could not queue a batch; it is dropped and counted")
 
     def _make_room(self) -> None:
         """At the bound, move memory to disk, or drop the oldest (before building, so memory stays bounded)."""
@@ -194,6 +201,10 @@ class Exporter:
                     return
             except Exception:  # a bug here must not end delivery for the rest of the run
                 log.exception("layerwatch: unexpected error while sending; retrying")
+                with self._cond:
+                    if self._inflight is not None:
+                        self._memory.appendleft(self._inflight)
+                        self._inflight = None
                 self._stopping.wait(1.0)
 
     def _send_next(self) -> bool:

@@ -306,9 +306,10 @@ class Monitor:
         finally:
             try:
                 self.recorder.detach()
-            finally:
-                self._exporter.close(self.config.flush_timeout)  # never raises
-                self._dispatch_alerts_quietly()
+            except Exception:
+                log.exception("layerwatch: could not remove every hook")
+            self._exporter.close(self.config.flush_timeout)  # never raises
+            self._dispatch_alerts_quietly()
 
     def _dispatch_alerts_quietly(self) -> None:
         try:

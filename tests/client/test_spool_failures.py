@@ -8,6 +8,9 @@ import errno
 import logging
 import os
 import subprocess
+import sys
+import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -152,3 +155,50 @@ def test_a_capped_spool_drops_and_counts_offline(tmp_path, caplog):
     dropped = mon.stats["dropped_batches"]
     assert dropped > 0 and len(warned(caplog)) == 1 and "cap of 8192 bytes" in caplog.text
     assert len(read_spool(tmp_path / "spool")) + dropped == 41
+
+
+@pytest.fixture
+def thread_errors(monkeypatch: pytest.MonkeyPatch) -> list[threading.ExceptHookArgs]:
+    """Exceptions that ended a thread (the exporter's threads must never end that way)."""
+    seen: list[threading.ExceptHookArgs] = []
+    monkeypatch.setattr(threading, "excepthook", seen.append)
+    return seen
+
+
+def test_the_with_block_exits_cleanly_when_the_spool_path_is_blocked(tmp_path, down, thread_errors):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")  # no permission needed: mkdir fails for root too
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with layerwatch.watch(model, url=down.url, spool_dir=blocked, every=2, max_queued_batches=2, flush_timeout=0.5,
+                          max_backoff=0.1) as mon:  # fmt: skip
+        train(mon, model, 20)
+    assert mon.stats["delivered_batches"] == 0
+    assert mon.stats["dropped_batches"] == 11  # 10 reports and the end, none could be kept
+    assert thread_errors == []
+
+
+EXITING = textwrap.dedent(
+    """
+    import sys, torch
+    from torch import nn
+    import layerwatch
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    mon = layerwatch.watch(model, url=sys.argv[1], spool_dir=sys.argv[2], every=2, flush_timeout=0.5, max_backoff=0.1)
+    for step in range(10):
+        model(torch.randn(4, 4)).sum().backward()
+        mon.step(loss=torch.tensor(float(step)))
+        model.zero_grad()
+    print("trained", flush=True)
+    """
+)
+
+
+def test_atexit_close_with_a_blocked_spool_and_no_collector(tmp_path, down):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    done = subprocess.run(
+        [sys.executable, "-c", EXITING, down.url, str(blocked)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "trained"
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "6 batches were dropped" in done.stderr and str(blocked) in done.stderr  # 5 reports and the end

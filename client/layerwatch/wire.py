@@ -22,8 +22,8 @@ Version 1 layout::
       "nonfinite_origin": {"step": int, "pass": "forward" | "backward" | "loss",
                            "layer": str | None, "rank": int} | None,
       "end": {"status": "finished" | "failed" | "killed"} | None,
-      "dropped": {"reports": int, "batches": int},
-    }
+      "dropped": {"reports": int, "batches": int, "rejected": int},  # cumulative; "rejected": batches the
+    }                                                               # collector refused (it may ignore the key)
 
 A value is a float (NaN and Inf included: they are the signal) or None where a statistic does not apply
 (``sat_frac`` of an unbounded layer) or is not due at that step (``dead_frac`` outside a window's end).

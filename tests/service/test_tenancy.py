@@ -133,3 +133,18 @@ def test_another_projects_alert_answers_like_an_unknown_one(client, tenants):
     assert theirs.status_code == unknown.status_code == 404
     assert theirs.json()["detail"].replace(alert_b, "ID") == unknown.json()["detail"].replace("0123456789ab", "ID")
     assert client.get("/api/v1/alerts", params={"run_id": run_b}, headers=t["read_a"]).json() == []
+
+
+@pytest.mark.parametrize("path", ["", "/series?stat=loss", "/latest"])
+def test_another_projects_run_answers_like_an_unknown_one(client, tenants, path):
+    """By whole id and by prefix: the same status and the same words as for a run that does not exist."""
+    t = tenants
+    run_b, _ = _firing(client, t["b"], t["write_b"], t["root"])
+    assert client.get(f"/api/v1/runs/{run_b}{path}", headers=t["read_b"]).status_code == 200
+    for ref, missing in ((run_b, "0123456789ab"), (run_b[:6], "zzzzzz")):
+        theirs = client.get(f"/api/v1/runs/{ref}{path}", headers=t["admin_a"])
+        unknown = client.get(f"/api/v1/runs/{missing}{path}", headers=t["admin_a"])
+        assert theirs.status_code == unknown.status_code == 404, (theirs.text, unknown.text)
+        assert theirs.json()["detail"].replace(ref, "REF") == unknown.json()["detail"].replace(missing, "REF")
+    write_b = client.get(f"/api/v1/runs/{run_b}{path}", headers=_auth(t["write_b"]))
+    assert write_b.status_code == 403  # its own project's run, a scope too narrow: that is no secret

@@ -67,6 +67,13 @@ def authorize_resource(grant: Grant | None, project: str | None, need: str, unkn
     authorize(grant, project, need)
 
 
+def covered_projects(grant: Grant | None) -> set[str] | None:
+    """Projects whose resources a grant may learn exist, whatever its scope; None means all."""
+    if grant is None or grant.project == ALL_PROJECTS:
+        return None
+    return {grant.project}
+
+
 def readable_projects(grant: Grant | None) -> set[str] | None:
     """Projects a grant may list; None means all."""
     if grant is None or grant.project == "*":

@@ -98,16 +98,20 @@ def _with_open_alerts(conn: Connection, runs: list[dict[str, Any]]) -> None:
 MIN_ID_PREFIX = 4  # as git: shorter prefixes match too much to mean one run
 
 
-def resolve_run_id(engine: Engine, ref: str) -> str:
+def resolve_run_id(engine: Engine, ref: str, projects: set[str] | None = None) -> str:
     """The id of the run that ``ref`` names: its whole id, or a prefix of it (at least 4 characters) that only
     it has, as git takes a commit's. NotFound when none matches; BadQuery when several do (their ids are not
-    listed: they may be in projects the caller cannot read)."""
+    listed). Only runs of ``projects`` count (None: every project): a run elsewhere is not found exactly as a
+    run that does not exist is, and does not make a prefix ambiguous."""
+    runs = select(Run.id)
+    if projects is not None:
+        runs = runs.join(Project, Project.id == Run.project_id).where(Project.name.in_(projects))
     with engine.connect() as conn:
-        if conn.scalar(select(Run.id).where(Run.id == ref)) is not None:
+        if conn.scalar(runs.where(Run.id == ref)) is not None:
             return ref
         if len(ref) < MIN_ID_PREFIX or not (ref.isascii() and ref.isalnum()):  # also no LIKE wildcard in it
             raise NotFound(f"run {ref!r} not found")
-        ids = conn.scalars(select(Run.id).where(Run.id.like(ref + "%")).limit(2)).all()
+        ids = conn.scalars(runs.where(Run.id.like(ref + "%")).limit(2)).all()
     if not ids:
         raise NotFound(f"run {ref!r} not found (no run id starts with it)")
     if len(ids) > 1:

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.responses import JSONResponse
 
-from layerwatch_server.api.deps import GrantDep, StateDep, authorize, readable_projects
+from layerwatch_server.api.deps import GrantDep, StateDep, authorize, covered_projects, readable_projects
 from layerwatch_server.api.schemas import Problem, ProjectOut, RunDetail, RunOut, Series
 from layerwatch_server.rules.evaluate import dead_judged
 from layerwatch_server.storage import queries
@@ -54,7 +54,7 @@ RunRef = Annotated[str, Path(description="The run's id, or a prefix of it (4 cha
 
 @router.get("/runs/{run_id}", response_model=RunDetail, responses={404: {"model": Problem}, 422: {"model": Problem}})
 def get_run(state: StateDep, grant: GrantDep, run_id: RunRef) -> Any:
-    run_id = queries.resolve_run_id(state.engine, run_id)
+    run_id = queries.resolve_run_id(state.engine, run_id, covered_projects(grant))
     authorize(grant, queries.run_project(state.engine, run_id), "read")
     return JSONResponse(
         finite_json(RunDetail.model_validate(queries.get_run(state.engine, run_id)).model_dump(mode="json"))
@@ -82,7 +82,7 @@ def get_series(
     max_points: Annotated[int | None, Query(ge=2, le=100_000)] = None,
     rank: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
 ) -> Any:
-    run_id = queries.resolve_run_id(state.engine, run_id)
+    run_id = queries.resolve_run_id(state.engine, run_id, covered_projects(grant))
     authorize(grant, queries.run_project(state.engine, run_id), "read")
     points = queries.series(
         state.engine, run_id, layer=layer, stat=stat, rank=rank, start=start, end=end, max_points=max_points
@@ -105,7 +105,7 @@ def get_latest(
     rank: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     lookback: Annotated[int, Query(ge=1, le=100_000)] = 200,
 ) -> Any:
-    run_id = queries.resolve_run_id(state.engine, run_id)
+    run_id = queries.resolve_run_id(state.engine, run_id, covered_projects(grant))
     authorize(grant, queries.run_project(state.engine, run_id), "read")
     out = queries.latest(state.engine, run_id, rank=rank, lookback=lookback)
     judged = dead_judged((layer["index"], layer["name"], layer["type"]) for layer in out["layers"])

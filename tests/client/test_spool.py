@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from click.testing import CliRunner
 from layerwatch import spool, wire
 from layerwatch.cli import main as cli
 from tests.client.conftest import read_spool
+from tests.waiting import wait_until
 
 
 def test_records_come_back_in_order_and_ack_survives_a_new_instance(tmp_path):
@@ -84,11 +84,16 @@ TRAINER = textwrap.dedent(
 )
 
 
+def _spooled_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob(f"*{spool.SUFFIX}"))
+
+
 def test_the_spool_of_a_killed_training_process_stays_readable(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", TRAINER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        time.sleep(0.3)
+        at_ready = _spooled_bytes(tmp_path)  # killed while it goes on writing, not after a pause
+        wait_until(lambda: _spooled_bytes(tmp_path) > at_ready, 30, "the trainer to spool more after step 20")
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()

@@ -161,11 +161,11 @@ def bench_model(name: str, build, device: torch.device, steps: int, block: int, 
                     other.recorder.detach()
             if mon is not None:
                 mon.recorder.detach()
-                mon.recorder.attach(_watched(model, mon))
+                mon.recorder.attach(model, _watched(model, mon))
             results[label] += timed_steps(model, opt, x, y, block, mon)
     counter = HostReads()
     monitors["every=10"].recorder.detach()
-    monitors["every=10"].recorder.attach(_watched(model, monitors["every=10"]))
+    monitors["every=10"].recorder.attach(model, _watched(model, monitors["every=10"]))
     with counter:
         timed_steps(model, opt, x, y, 20, monitors["every=10"])
     syncs_per_step = len(counter.calls) / 20

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Alert", "Config", "Monitor", "__version__", "watch"]
+__all__ = ["Alert", "Config", "Monitor", "__version__", "register_type", "watch"]
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
     from torch import nn
 
@@ -41,7 +41,7 @@ def watch(
     sat_margin: float | None = None,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
-    types: Sequence[type[nn.Module]] | None = None,
+    types: Sequence[type[nn.Module]] | Mapping[type[nn.Module], str] | None = None,
     watch_params: bool | None = None,
     run_key: str | None = None,
     spool_dir: str | None = None,
@@ -52,9 +52,10 @@ def watch(
 ) -> Monitor:
     """Start monitoring ``model``. Every setting falls back to its ``LAYERWATCH_*`` variable, then a default.
 
-    ``config`` holds hyper-parameters shown with the run; ``rules`` holds per-run alert-rule overrides
-    (e.g. ``{"dead_units": {"threshold": 0.3}}``); ``on_alert`` is called on the training thread, inside
-    ``step()``, for each new or changed alert the collector returns.
+    ``types`` replaces the watched module types: a list of classes, or ``{class: kind}`` (kinds as in
+    :func:`register_type`). ``config`` holds hyper-parameters shown with the run; ``rules`` holds per-run
+    alert-rule overrides (e.g. ``{"dead_units": {"threshold": 0.3}}``); ``on_alert`` is called on the training
+    thread, inside ``step()``, for each new or changed alert the collector returns.
     """
     from layerwatch.config import Config
     from layerwatch.monitor import Monitor
@@ -81,6 +82,16 @@ def watch(
     if rules:
         run_config["rules"] = rules
     return Monitor(model, resolved, on_alert=on_alert, run_config=run_config, types=types)
+
+
+def register_type(
+    cls: type[nn.Module], kind: str = "other", *, bounds: tuple[float, float] | None = None, nonneg: bool = False
+) -> None:
+    """Watch modules of type ``cls`` by default, as ``kind`` (relu, other/gelu/silu, bounded/tanh/sigmoid with
+    ``bounds``, linear, conv): ``layerwatch.register_type(MyAct, kind="gelu")``. Call before ``watch()``."""
+    from layerwatch.layers import register_type as register
+
+    register(cls, kind, bounds=bounds, nonneg=nonneg)
 
 
 def __getattr__(name: str) -> Any:

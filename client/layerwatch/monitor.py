@@ -12,7 +12,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,7 +24,7 @@ from layerwatch.batching import BatchBuilder
 from layerwatch.config import Config
 from layerwatch.distributed import UnitReducer, rank_and_world, run_key
 from layerwatch.exporter import Exporter
-from layerwatch.layers import select, unwrap
+from layerwatch.layers import compiled, select, unwrap
 from layerwatch.recorder import Recorder
 from layerwatch.report import Report, StepMeta
 from layerwatch.spool import Spool
@@ -47,7 +47,7 @@ class Monitor:
         config: Config,
         on_alert: Callable[[Alert], Any] | None = None,
         run_config: dict[str, Any] | None = None,
-        types: Sequence[type[nn.Module]] | None = None,
+        types: Sequence[type[nn.Module]] | Mapping[type[nn.Module], str] | None = None,
     ) -> None:
         self.config = config
         self.on_alert = on_alert
@@ -69,12 +69,17 @@ class Monitor:
             return
 
         inner = unwrap(model)
+        if compiled(model):
+            # Compiled code does not see hooks added after it was traced (dynamo skips hook guards): drop it,
+            # and the model recompiles with the hooks at its next call.
+            log.info("layerwatch: resetting torch.compile's caches so that the compiled model sees the hooks")
+            torch._dynamo.reset()
         self.rank, self.world_size = rank_and_world()
         self.run_key = run_key(config.run_key)
         self.run_name = config.run_name or self.run_key
         self.recorder = Recorder(config.every, config.eps)
         watched = list(select(inner, types, config.include, config.exclude, config.sat_margin))
-        self.recorder.attach(watched)
+        self.recorder.attach(inner, watched)
         self._params = [(n, p) for n, p in inner.named_parameters() if p.requires_grad] if config.watch_params else []
         self._param_numel = [p.numel() for _, p in self._params]
         self._reducer = UnitReducer()

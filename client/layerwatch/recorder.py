@@ -89,6 +89,8 @@ class Recorder:
         self.failed = False
         self.watched = 0  # modules hooked
         self.saw_no_grad = False  # a hook fired under no_grad (a validation pass)
+        # Calls skipped under no_grad since the last training forward began, per module (see _recompute).
+        self._skipped: dict[nn.Module, int] = {}
         self.steps_unheard: int | None = 0  # steps with no layer recorded yet; None once warned
         # Calls traced by torch.compile since the last fold: (module, spec, shape, unit dim, feeds from the
         # output before it, record, unit max, unit min), and what the next traced call needs of the last one.
@@ -108,8 +110,19 @@ class Recorder:
         self.watched = len(watched)
 
     def _start_forward(self, module: nn.Module, inputs: tuple) -> None:
+        if torch.is_grad_enabled():
+            self._skipped.clear()  # a training forward begins: the no_grad calls before it were validation
         if self._traced:
             self.fold()
+
+    def _recompute(self, module: nn.Module) -> bool:
+        """Whether a call inside backward is the only one of its forward: reentrant checkpointing runs the
+        forward under no_grad and records nothing, then recomputes it in backward, which is recorded instead.
+        (Non-reentrant checkpointing runs the forward with grad, so its recompute is skipped.)"""
+        skipped = self._skipped.get(module, 0)
+        if skipped:
+            self._skipped[module] = skipped - 1
+        return skipped > 0
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -123,7 +136,9 @@ class Recorder:
             if self.failed:
                 return
             if not torch.is_grad_enabled():
-                self.saw_no_grad = True
+                if not torch.compiler.is_compiling():  # (a compiled graph would guard on the count)
+                    self.saw_no_grad = True
+                    self._skipped[module] = self._skipped.get(module, 0) + 1
                 return
             tensor = output if isinstance(output, torch.Tensor) else _first_tensor(output)
             if tensor is None or not tensor.is_floating_point() or tensor.numel() == 0:
@@ -131,7 +146,7 @@ class Recorder:
             if torch.compiler.is_compiling():
                 self._trace(module, spec, tensor, inputs)
                 return
-            if _in_backward():
+            if _in_backward() and not self._recompute(module):
                 return
             try:
                 if self._traced:

@@ -37,7 +37,10 @@ _CONSTANTS: dict[tuple[torch.device, torch.dtype, str], torch.Tensor] = {}
 
 
 def _constant(t: torch.Tensor, value: float) -> torch.Tensor:
-    """A cached 0-d tensor on ``t``'s device: creating one per call costs an allocation (and on CUDA a copy)."""
+    """A cached 0-d tensor on ``t``'s device: creating one per call costs an allocation (and on CUDA a copy).
+    Under torch.compile a fresh one: the compiler folds it, and a global cache would be a traced side effect."""
+    if torch.compiler.is_compiling():
+        return torch.full((), value, device=t.device, dtype=t.dtype)
     key = (t.device, t.dtype, repr(value))
     constant = _CONSTANTS.get(key)
     if constant is None:
@@ -117,6 +120,47 @@ def activation_raw(
       fewer.
     - ``scratch``: where elementwise temporaries go (see Scratch).
     """
+    parts, unit_max, unit_min = _activation_parts(
+        a, unit_dim, eps, sat, nonneg, positive_only, per_unit, zeros, count_finite, known_max, scratch
+    )
+    torch.stack(parts, out=out)
+    return unit_max, unit_min
+
+
+def activation_record(
+    a: torch.Tensor,
+    unit_dim: int,
+    eps: float,
+    sat: tuple[float, float] | None,
+    nonneg: bool = False,
+    *,
+    positive_only: bool = False,
+    count_finite: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The torch.compile form of :func:`activation_raw`: (record, unit_max, unit_min), all fresh tensors.
+
+    Nothing is written in place (a traced write into a buffer view is what aot_autograd refuses), so the
+    compiler can fuse these reductions into the model's own kernels."""
+    parts, unit_max, unit_min = _activation_parts(
+        a, unit_dim, eps, sat, nonneg, positive_only, True, True, count_finite, None, None
+    )
+    assert unit_max is not None
+    return torch.stack(parts), unit_max, unit_min
+
+
+def _activation_parts(
+    a: torch.Tensor,
+    unit_dim: int,
+    eps: float,
+    sat: tuple[float, float] | None,
+    nonneg: bool,
+    positive_only: bool,
+    per_unit: bool,
+    zeros: bool,
+    count_finite: bool,
+    known_max: torch.Tensor | None,
+    scratch: Scratch | None,
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor | None, torch.Tensor | None]:
     if a.dim() == 0:
         a = a.reshape(1)
     acc = a.dtype if a.dtype in (torch.float32, torch.float64) else _F32  # half types accumulate in fp32
@@ -160,8 +204,7 @@ def activation_raw(
     parts = (a.sum(dtype=acc) if total is None else total, sumsq, high, low, finite, nonzero, saturated)
     if acc != _F32 or a.dtype != _F32:
         parts = tuple(p.to(_F32) for p in parts)
-    torch.stack(parts, out=out)
-    return unit_max, unit_min
+    return parts, unit_max, unit_min
 
 
 @torch.no_grad()

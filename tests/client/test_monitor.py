@@ -22,7 +22,7 @@ def offline(model: nn.Module, tmp_path: Path, **kwargs) -> layerwatch.Monitor:
 
 
 def test_public_api_is_pinned():
-    assert layerwatch.__all__ == ["Alert", "Config", "Monitor", "__version__", "watch"]
+    assert layerwatch.__all__ == ["Alert", "Config", "Monitor", "__version__", "register_type", "watch"]
 
 
 def test_a_unit_alive_on_one_batch_of_the_window_is_alive(tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,9 @@ from torch import nn
 import layerwatch
 from layerwatch.alerts import Alert
 from layerwatch.syncs import HostReads
-from layerwatch.tripwire import LossJump
+from layerwatch.tripwire import LossJump, Tripwire
 from tests.client.conftest import read_spool
+from tests.waiting import wait_until
 
 
 class Loop:
@@ -55,13 +55,6 @@ def poison_at(model: nn.Sequential, step: int):
 
 def offline(model: nn.Module, tmp_path: Path, loop: Loop, **kwargs) -> layerwatch.Monitor:
     return layerwatch.watch(model, mode="offline", spool_dir=str(tmp_path), on_alert=loop.on_alert, **kwargs)
-
-
-def wait_for(condition, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return condition()
 
 
 def test_a_nan_at_step_3_of_10_is_heard_in_step_3_and_its_steps_leave_at_once(tmp_path):
@@ -105,6 +98,50 @@ def test_a_nan_outside_the_activations_is_heard_too(tmp_path, where):
     mon.close()
     assert [(step, a.step) for step, a in loop.heard] == [(2, 2)]
     assert where in loop.heard[0][1].message and "forward pass" not in loop.heard[0][1].message
+
+
+class Landing:
+    """A CUDA event's stand-in: the copy of a step's numbers has landed once ``landed`` is set."""
+
+    def __init__(self) -> None:
+        self.landed = False
+
+    def query(self) -> bool:
+        return self.landed
+
+
+def test_poll_never_waits_for_a_check_that_has_not_landed_and_reads_in_order():
+    wire = Tripwire(100.0)
+    wire.arm(0, torch.tensor([1.0]), torch.tensor([math.nan]), torch.tensor(2.0))
+    wire.arm(1, torch.tensor([1.0]), torch.tensor([1.0]), torch.tensor(2.0))
+    first, second = Landing(), Landing()
+    wire._pending[0].event, wire._pending[1].event = first, second  # as on CUDA: copies still in flight
+    second.landed = True
+    assert wire.poll() == []  # step 1 has landed, step 0 has not: nothing read out of order, nothing waited for
+    first.landed = True
+    (trip,) = wire.poll()
+    assert (trip.step, trip.kind, trip.where) == (0, "non_finite", ("backward pass",))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_a_nan_is_heard_by_the_next_step_without_a_host_sync(tmp_path):
+    model = mlp().cuda()
+    loop = Loop(model)
+    mon = offline(model, tmp_path, loop, every=10)
+    reads = HostReads()
+    for loop.step in range(8):
+        poison_at(model, 3)(loop.step)
+        with reads:
+            loss = model(torch.randn(32, 8, device="cuda")).pow(2).mean()
+            loss.backward()
+            mon.step(loss=loss)
+            model.zero_grad()
+        torch.cuda.synchronize()  # a loop that waits for its device once a step (logging, data): step(s+1) knows
+    mon.close()
+    assert reads.calls == []
+    assert [(a.step, a.rule, a.local) for _, a in loop.heard] == [(3, "non_finite", True)]
+    assert loop.heard[0][0] in (3, 4)
+    assert [s["step"] for s in read_spool(tmp_path)[0]["steps"]][-1] == loop.heard[0][0]
 
 
 def test_a_layer_that_did_not_run_does_not_repeat_an_old_nan(tmp_path):
@@ -229,13 +266,13 @@ def test_the_collectors_alert_for_a_local_incident_is_not_told_twice(collector, 
     collector.alerts = [twin]
     loop.run(mon, range(5), before=poison_at(model, 3))
     # The early report's answer carries the collector's alert: it replaces the local one, with no second call.
-    assert wait_for(lambda: [(a.id, a.source) for a in mon.alerts] == [("c1", "collector")])
+    assert wait_until(lambda: [(a.id, a.source) for a in mon.alerts] == [("c1", "collector")], 20)
     collector.alerts = [{**twin, "value": 7.0}, {**twin, "id": "c2", "rule": "dead_units"}]
     loop.run(mon, range(5, 15))  # a full report: the collector answers with an update and another rule
-    assert wait_for(lambda: "c2" in {a.id for a in mon.alerts})
+    assert wait_until(lambda: "c2" in {a.id for a in mon.alerts}, 20)
     collector.alerts = [{**twin, "state": "resolved"}]
     loop.run(mon, range(15, 25))
-    assert wait_for(lambda: any(a.state == "resolved" for a in mon.alerts))
+    assert wait_until(lambda: any(a.state == "resolved" for a in mon.alerts), 20)
     mon.step()  # on_alert runs inside step()
     mon.close()
     told = [(a.id, a.rule, a.state, a.source) for _, a in loop.heard]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
@@ -15,6 +14,7 @@ from torch import nn
 import layerwatch
 from layerwatch.alerts import Alert
 from tests.service.server import running_server
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.slow]
 
@@ -44,16 +44,14 @@ def test_a_nan_at_step_3_of_10_reaches_a_real_collector_before_step_5(tmp_path):
         assert [(step, a.rule, a.source) for step, a in heard] == [(3, "non_finite", "local")]
         # The loop stands at step 4, far from step 9's report: the collector must raise it from the early batch.
         with httpx.Client(base_url=base) as http:
-            deadline, alerts = time.monotonic() + 30, []
-            while not alerts and time.monotonic() < deadline:
-                alerts = http.get("/api/v1/alerts", params={"project": "nan", "state": "firing"}).json()
-                time.sleep(0.05)
+            alerts = wait_until(
+                lambda: http.get("/api/v1/alerts", params={"project": "nan", "state": "firing"}).json(), 30
+            )
             assert [(a["rule"], a["step"]) for a in alerts] == [("non_finite", 3)]
             assert "first at step 3 (forward, layer 2)" in alerts[0]["message"]
             run_id = alerts[0]["run_id"]
-            deadline = time.monotonic() + 30  # the ingest answer brings it back; it replaces the local one
-            while [a.source for a in mon.alerts] != ["collector"] and time.monotonic() < deadline:
-                time.sleep(0.05)
+            # the ingest answer brings it back; it replaces the local one
+            wait_until(lambda: [a.source for a in mon.alerts] == ["collector"], 30, lambda: mon.alerts)
             assert [(a.rule, a.id, a.source) for a in mon.alerts] == [("non_finite", alerts[0]["id"], "collector")]
             train(mon, range(5, 25))
             mon.close()

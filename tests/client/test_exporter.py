@@ -17,6 +17,7 @@ from layerwatch.exporter import Exporter
 from layerwatch.report import Report
 from layerwatch.spool import Spool, pending_records
 from layerwatch.transport import Delivery
+from tests.waiting import wait_until
 
 HEADER = {
     "run": {"key": "k", "name": "k", "project": "p", "world_size": 1, "config": {}},
@@ -102,9 +103,7 @@ def test_dropped_reports_are_counted_exactly_from_many_threads(tmp_path):
 
     exp = exporter(tmp_path, Scripted(lambda b: OK))
     exp.submit(report(ready=Gate()))  # taken by the exporter thread, which then waits
-    deadline = time.monotonic() + 10
-    while exp._reports.qsize() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: not exp._reports.qsize(), 10, "the exporter thread to take the gated report")
     threads = [threading.Thread(target=lambda: [exp.submit(report()) for _ in range(500)]) for _ in range(8)]
     for t in threads:
         t.start()
@@ -141,10 +140,8 @@ def test_close_returns_as_soon_as_the_last_batch_is_delivered(tmp_path):
     exp.submit(report(end="finished"))
     closer = threading.Thread(target=exp.close, args=(60,))
     closer.start()
-    deadline = time.monotonic() + 10
-    while not transport.sent and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert transport.sent and closer.is_alive()  # close() waits for the answer
+    wait_until(lambda: transport.sent, 10, "the batch to be sent")
+    assert closer.is_alive()  # close() waits for the answer
     released = time.monotonic()
     release.set()
     closer.join(10)

@@ -223,7 +223,8 @@ class Monitor:
     # -- alerts -------------------------------------------------------------------------------------------
     @property
     def alerts(self) -> list[Alert]:
-        """The run's alerts as last returned by the collector (latest state of each)."""
+        """The run's alerts, latest state of each: the collector's, and the client's own (local) until the collector's
+        alert for the same incident replaces them."""
         with self._alerts_lock:
             return list(self._alerts.values())
 

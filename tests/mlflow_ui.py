@@ -9,12 +9,13 @@ metric; the experiment's run table is at ``#/experiments/<exp>/runs``.
 from __future__ import annotations
 
 import shutil
-import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from tests.waiting import wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -90,17 +91,17 @@ def wait_for_mirror(
 
     client = MlflowClient(mlflow_url)
     layer = metric.split("/")[1]
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def mirrored() -> tuple[str, str] | None:
         runs = httpx.get(f"{collector}/api/v1/runs", params={"project": project}, timeout=10).json()
         run = httpx.get(f"{collector}/api/v1/runs/{runs[0]['id']}", timeout=10).json() if runs else {}
-        if run.get("mlflow_run_id"):
-            query = urllib.parse.urlencode({"layer": layer, "stat": metric.rsplit("/", 1)[1]})
-            points = httpx.get(f"{collector}/api/v1/runs/{run['id']}/series?{query}", timeout=10).json()["points"]
-            last = max((p["step"] for p in points if p["value"] is not None), default=None)
-            mirrored = client.get_metric_history(run["mlflow_run_id"], metric)
-            if last is not None and any(m.step == last for m in mirrored):
-                return client.get_run(run["mlflow_run_id"]).info.experiment_id, run["mlflow_run_id"]
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{metric} of project {project!r} did not reach MLflow in {timeout:.0f} s")
-        time.sleep(0.5)
+        if not run.get("mlflow_run_id"):
+            return None
+        query = urllib.parse.urlencode({"layer": layer, "stat": metric.rsplit("/", 1)[1]})
+        points = httpx.get(f"{collector}/api/v1/runs/{run['id']}/series?{query}", timeout=10).json()["points"]
+        last = max((p["step"] for p in points if p["value"] is not None), default=None)
+        if last is None or not any(m.step == last for m in client.get_metric_history(run["mlflow_run_id"], metric)):
+            return None
+        return client.get_run(run["mlflow_run_id"]).info.experiment_id, run["mlflow_run_id"]
+
+    return wait_until(mirrored, timeout, f"{metric} of project {project!r} to reach MLflow", interval=0.5)

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import uuid
+from collections import deque
+from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from layerwatch import stats
 
 log = logging.getLogger("layerwatch")
 
@@ -92,3 +97,84 @@ class UnitReducer:
             )
             self.enabled = False
         return units
+
+
+def _dtensor_type() -> type | None:
+    """DTensor's class when torch.distributed.tensor is loaded (sharded models load it), else None."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def _owns(param: torch.Tensor, dtensor: type | None) -> bool:
+    """Whether this rank's local part counts once in a sum over ranks: each shard counts once, each replica
+    (a Replicate mesh dim, a plain tensor every rank holds alike) only on its first coordinate."""
+    if dtensor is None or not isinstance(param, dtensor):
+        return not _initialized() or dist.get_rank() == 0
+    coordinate = param.device_mesh.get_coordinate()
+    if coordinate is None:
+        return False
+    return all(c == 0 for c, placement in zip(coordinate, param.placements, strict=True) if placement.is_replicate())
+
+
+def _local(t: torch.Tensor, dtensor: type | None) -> torch.Tensor:
+    return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t
+
+
+class ParamStats:
+    """The per-step parameter record, also for sharded (FSDP2 ``fully_shard``, DTensor) parameters.
+
+    Plain parameters get :func:`stats.param_raw` / :func:`stats.grad_norms`. Sharded ones are measured on
+    their local shards as partial sums (squares, extremes, finite counts; see :func:`stats.param_partial`),
+    all-gathered across ranks asynchronously as the step is recorded (one small collective per step, which
+    the report waits for). Per step, not per report: every rank takes every step, but a report may come
+    early on one rank only (a NaN it saw first), and a collective must be called alike on all of them."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        dtensor = _dtensor_type()
+        self.dtensor = dtensor
+        self.sharded = dtensor is not None and any(isinstance(p, dtensor) for p in params)
+        self._owner = {id(p): _owns(p, dtensor) for p in params} if self.sharded else {}
+        self._world = dist.get_world_size() if self.sharded and _initialized() else 1
+        self._pending: deque[tuple[Any, torch.Tensor]] = deque()  # (collective's work or None, gathered parts)
+
+    def record(self, params: list[torch.Tensor], full: bool) -> torch.Tensor:
+        """(P,) gradient norms, or the (PARAM_WIDTH * P,) full record; when sharded, this rank's partial
+        record (see :func:`stats.param_partial`), which :meth:`combine` replaces by the whole one."""
+        grads = [p.grad.detach() for p in params]
+        if not self.sharded:
+            return stats.param_raw([p.detach() for p in params], grads) if full else stats.grad_norms(grads)
+        partial = stats.param_partial(
+            [_local(p.detach(), self.dtensor) for p in params] if full else None,
+            [_local(g, self.dtensor) for g in grads],
+            [self._owner.get(id(p), False) for p in params],
+        )
+        if self._world == 1:
+            self._pending.append((None, partial))
+        else:
+            gathered = partial.new_empty(self._world * partial.numel())
+            self._pending.append((dist.all_gather_into_tensor(gathered, partial, async_op=True), gathered))
+        return partial
+
+    def combine(self, steps: list, tensors: list[torch.Tensor]) -> None:
+        """Replace each step's partial record in ``tensors`` (one per step with parameters, followed by its
+        tensor scalars) by the whole parameters' record: per column the sum over ranks (squares, counts)
+        or the extreme, square roots for the norms."""
+        if not self.sharded:
+            return
+        index = 0
+        for meta in steps:
+            if meta.params:
+                work, gathered = self._pending.popleft()
+                if work is not None:
+                    work.wait()
+                k, width = len(meta.params), stats.PARAM_WIDTH
+                ranks = gathered.view(self._world, width, k)
+                total, high, low = ranks.sum(0), ranks.amax(0), ranks.amin(0)
+                norms = total[stats.P_GRAD_NORM].sqrt()
+                if meta.full_params:
+                    parts = [norms, high[stats.P_GRAD_MAX], low[stats.P_GRAD_MIN], total[stats.P_WEIGHT_NORM].sqrt()]
+                    tensors[index] = torch.cat([*parts, total[stats.P_GRAD_FINITE]])
+                else:
+                    tensors[index] = norms
+                index += 1
+            index += len(meta.tensor_scalars)

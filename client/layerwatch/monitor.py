@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from layerwatch import __version__, stats
+from layerwatch import __version__
 from layerwatch.alerts import Alert
 from layerwatch.batching import BatchBuilder
 from layerwatch.config import Config
-from layerwatch.distributed import UnitReducer, rank_and_world, run_key
+from layerwatch.distributed import ParamStats, UnitReducer, rank_and_world, run_key
 from layerwatch.exporter import Exporter
 from layerwatch.layers import compiled, select, unwrap
 from layerwatch.recorder import Recorder
@@ -82,6 +82,7 @@ class Monitor:
         self.recorder.attach(inner, watched)
         self._params = [(n, p) for n, p in inner.named_parameters() if p.requires_grad] if config.watch_params else []
         self._param_numel = [p.numel() for _, p in self._params]
+        self._param_stats = ParamStats([p for _, p in self._params])
         self._reducer = UnitReducer()
         self.spool_dir = config.spool_dir / _safe(config.project) / _safe(self.run_key) / f"rank-{self.rank}"
         summary = {
@@ -161,14 +162,10 @@ class Monitor:
             present = [(i, p) for i, (_, p) in enumerate(self._params) if p.grad is not None]
             if present:
                 meta.params = [i for i, _ in present]
-                grads = [p.grad.detach() for _, p in present]
                 # Gradient norms every step; the other parameter statistics once per `param_every` steps.
                 meta.full_params = (self._recorded + 1) % self.config.param_every_steps == 0
-                if meta.full_params:
-                    block = stats.param_raw([p.detach() for _, p in present], grads)
-                    norms = block[: len(present)]  # the P_GRAD_NORM block comes first
-                else:
-                    block = norms = stats.grad_norms(grads)
+                block = self._param_stats.record([p for _, p in present], meta.full_params)
+                norms = block[: len(present)]  # the P_GRAD_NORM block comes first (squares while sharded)
                 tensors.append(block)
         for name, value in values.items():
             if isinstance(value, torch.Tensor):
@@ -199,6 +196,7 @@ class Monitor:
     def _report(self, end: str | None = None) -> None:
         """Pack the interval into one buffer, start its copy to the host, hand it to the exporter."""
         raw = self.recorder.take_raw()
+        self._param_stats.combine(self._steps, self._step_tensors)  # sharded parameters: across ranks
         parts = ([raw] if raw is not None else []) + [d for _, _, d in self._dead] + self._step_tensors
         flat, ready = None, None
         if parts:

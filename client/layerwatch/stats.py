@@ -234,6 +234,30 @@ def param_raw(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> 
     return torch.stack([t.to(_F32) for t in parts])
 
 
+@torch.no_grad()
+def param_partial(
+    params: Sequence[torch.Tensor] | None, grads: Sequence[torch.Tensor], owners: Sequence[bool]
+) -> torch.Tensor:
+    """A rank's part of the parameter record of sharded parameters, from its local shards: (PARAM_WIDTH * P,)
+    as blocks of P values, [grad sum of squares, grad max, grad min, weight sum of squares, grad finite count].
+    Summed over ranks (squares, counts) or reduced to the extremes, they give the whole parameters' record.
+    A part this rank does not own (a replica counted on another rank) and an empty shard are neutral: zero
+    sums, extremes at -inf/+inf. Without ``params`` (a gradient-norm step) the weight block is zero."""
+    zero = torch.zeros((), dtype=_F32, device=grads[0].device if grads else None)
+    neg, pos = zero - math.inf, zero + math.inf
+    counted = [g.numel() > 0 and own for g, own in zip(grads, owners, strict=True)]
+    grad_sq = [n.to(_F32).square() if c else zero for n, c in zip(torch._foreach_norm(grads, 2), counted, strict=True)]
+    extremes = [torch.aminmax(g) if c else (pos, neg) for g, c in zip(grads, counted, strict=True)]
+    finite = [_count_finite(g, _F32) if c else zero for g, c in zip(grads, counted, strict=True)]
+    if params is None:
+        weight_sq = [zero] * len(grads)
+    else:
+        norms = torch._foreach_norm(params, 2)
+        weight_sq = [n.to(_F32).square() if c else zero for n, c in zip(norms, counted, strict=True)]
+    parts = (*grad_sq, *(high for _, high in extremes), *(low for low, _ in extremes), *weight_sq, *finite)
+    return torch.stack([t.to(_F32) for t in parts])
+
+
 def finalize_activation(raw: Sequence[float], n: int, bounded: bool) -> dict[str, float | None]:
     """Host-side: turn a raw record over n elements into the wire statistics (all but dead_frac).
 

@@ -321,7 +321,7 @@ def compare(expected: dict, reported: dict) -> list[str]:
 
 def train(model: nn.Module, case: Case, capture: Capture, monitor, forward=None, steps: int = STEPS) -> None:
     """A few optimiser steps; the capture and the monitor each mark the step's end."""
-    forward = forward or model
+    forward = forward if forward is not None else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = [case.batch() for _ in range(steps)]
     model.train()

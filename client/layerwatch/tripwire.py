@@ -4,7 +4,7 @@ Reports leave every ``every`` steps, but a NaN at the first step of an interval 
 each step poisons optimizer state and checkpoints. Each step the tripwire reduces, on the device, what the
 client computes anyway (the activation sums of the step's layers, the gradient norms, the loss) to a few
 numbers: ``0 * x`` summed is 0, or NaN exactly when some ``x`` is NaN/Inf. Those numbers travel to the host
-without anyone waiting: on CUDA an asynchronous copy into a pinned row and an event that later calls poll with
+without anyone waiting: on CUDA an asynchronous copy into a pinned row and an event that later polls ask with
 ``query()``; on CPU the numbers are there as soon as they are computed. The loss jump is judged on the host
 from the losses that come back this way, so it costs the device nothing.
 """
@@ -118,17 +118,18 @@ class Tripwire:
             return
         device = (probes[0][1] if probes else loss_t).device
         parts = [t.to(device, non_blocking=True).mul(0).sum() for _, t in probes]  # 0, or NaN on a NaN/Inf
-        if self._carry is not None and parts:
-            parts[0] = parts[0] + self._carry
         if loss_t is not None:
             parts.append(loss_t.detach().to(device, non_blocking=True).reshape(()).float())
+        if self._carry is not None:  # 0, or NaN: a step that found no free row had a NaN/Inf
+            parts[0] = parts[0] + self._carry
         numbers = torch.stack(parts)
         on_cuda = device.type == "cuda"
         if on_cuda and not self._events:
             self._allocate(cuda=True)  # the model moved to the GPU after watch()
         if not self._free:  # the device lags ROWS steps behind: let the next step carry this one's NaN
             self.skipped += 1
-            self._carry = numbers[0] if self._carry is None else self._carry + numbers[0]
+            lost = numbers.mul(0).sum()
+            self._carry = lost if self._carry is None else self._carry + lost
             return
         self._carry = None
         row = self._free.pop()

@@ -12,8 +12,9 @@ from torch import nn
 import layerwatch
 from layerwatch.alerts import Alert
 from layerwatch.syncs import HostReads
-from layerwatch.tripwire import LossJump, Tripwire
+from layerwatch.tripwire import ROWS, LossJump, Tripwire
 from tests.client.conftest import read_spool
+from tests.client.real_models import gpt2, llama
 from tests.waiting import wait_until
 
 
@@ -123,6 +124,20 @@ def test_poll_never_waits_for_a_check_that_has_not_landed_and_reads_in_order():
     assert (trip.step, trip.kind, trip.where) == (0, "non_finite", ("backward pass",))
 
 
+def test_a_step_that_finds_every_row_in_flight_carries_its_nan_to_the_next_check():
+    wire, ones, in_flight = Tripwire(0.0), torch.ones(1), Landing()
+    for step in range(ROWS):  # a device ROWS steps behind its host
+        wire.arm(step, ones, ones, None)
+        wire._pending[-1].event = in_flight
+    wire.arm(ROWS, ones, torch.tensor([math.inf]), None)  # no row free: not lost, carried
+    assert wire.skipped == 1
+    in_flight.landed = True
+    assert wire.poll() == []
+    wire.arm(ROWS + 1, ones, ones, None)
+    (trip,) = wire.poll()
+    assert (trip.step, trip.kind) == (ROWS + 1, "non_finite")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_cuda_a_nan_is_heard_by_the_next_step_without_a_host_sync(tmp_path):
     model = mlp().cuda()
@@ -197,7 +212,7 @@ def test_a_diverging_run_is_flagged_by_its_loss_jump_before_its_first_nonfinite_
     mon.close()
     assert first_nonfinite is not None
     jumps = [(s, a) for s, a in heard if a.rule == "loss_spike"]
-    (at, jump), = jumps
+    ((at, jump),) = jumps
     assert at < first_nonfinite and jump.local and jump.step == at
     assert jump.threshold == pytest.approx(100 * max(abs(v) for v in losses[max(at - 100, 0) : at]), rel=1e-6)
     assert jump.value == pytest.approx(losses[at], rel=1e-6) and jump.value > jump.threshold
@@ -235,6 +250,30 @@ def classifier_near_zero_loss(loop_steps: int, batch: int) -> list[float]:
 def test_the_loss_jump_stays_quiet_on_a_healthy_noisy_run():
     losses = classifier_near_zero_loss(1200, batch=2)
     assert min(losses) < 1e-4 and max(losses[600:]) > 1.0  # near zero, and still noisy: a real test of quiet
+
+
+@pytest.mark.parametrize("build", [gpt2, llama], ids=["gpt2", "llama"])
+def test_a_transformer_is_quiet_until_its_embeddings_go_nan_then_heard_in_that_step(tmp_path, build):
+    torch.manual_seed(0)
+    model = build()
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    heard: list[tuple[int, Alert]] = []
+    mon = layerwatch.watch(model, mode="offline", spool_dir=str(tmp_path), on_alert=lambda a: heard.append((step, a)))
+    for step in range(30):
+        if step == 23:
+            with torch.no_grad():
+                model.get_input_embeddings().weight[7] = math.nan  # one token's embedding
+        start = torch.randint(0, 64, (2, 1))  # batch size 2 of an arithmetic sequence: learnable, noisy
+        ids = (start + torch.randint(1, 4, (2, 1)) * torch.arange(12)) % 64
+        ids[:, 5] = 7
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        mon.step(loss=loss)
+        opt.step()
+        opt.zero_grad()
+    mon.close()
+    assert [(at, a.rule, a.step, a.local) for at, a in heard] == [(23, "non_finite", 23, True)]
+    assert "forward pass" in heard[0][1].message
 
 
 def test_the_loss_jump_judges_magnitudes_and_can_be_switched_off():

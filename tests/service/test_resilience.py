@@ -127,3 +127,22 @@ def test_sqlite_batch_without_new_rows_commits_beside_another_writer(tmp_path, c
         assert conn.scalar(select(Run.mlflow_run_id).where(Run.id == run_id)) == "m" * 32
         assert conn.scalar(select(Run.status).where(Run.id == run_id)) == "finished"
     check.dispose()
+
+
+def test_a_collector_bug_answers_500_and_writes_nothing(engine, db_url, monkeypatch):
+    """503 means the database is away; a bug is not that. 500, logged, nothing kept: the client keeps the batch
+    and retries it, so it is stored once the collector is fixed."""
+    from layerwatch_server.storage.ingest import Ingestor
+
+    def broken(self, conn, run_id, batch, new_steps):
+        raise KeyError("a bug")
+
+    app = create_app(Settings(db_url=db_url, no_auth=True, scheduler=False), engine)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        before = total_rows(engine)
+        with monkeypatch.context() as patch:
+            patch.setattr(Ingestor, "_touch", broken)
+            resp = post(client, make_batch("buggy", project="pbug"))
+        assert resp.status_code == 500 and "KeyError" in resp.json()["detail"], resp.text
+        assert total_rows(engine) == before
+        assert post(client, make_batch("buggy", project="pbug")).status_code == 202

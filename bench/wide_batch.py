@@ -111,11 +111,15 @@ def against_a_server(url: str, log: Path) -> dict[str, object]:
         body = wire.encode(at_the_limit("served"))
         prober = Prober(base)
         prober.start()
-        time.sleep(1.0)  # the prober's usual round trip, before the wide batch
+        deadline = time.monotonic() + 60
+        while len(prober.samples) < 20 and time.monotonic() < deadline:  # its usual round trip, first
+            time.sleep(0.05)
         start = time.perf_counter()
         resp = http.post("/api/v1/ingest", content=body, headers=HEADERS)
         took, end = time.perf_counter() - start, time.perf_counter()
-        time.sleep(0.5)
+        seen = len(prober.samples)
+        while len(prober.samples) < seen + 2 and time.monotonic() < deadline:  # the one caught mid-batch returns
+            time.sleep(0.05)
         prober.stop.set()
         prober.join()
         over = wide_batch("over", MAX_SERIES + 1, 0, 0, 1)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from torch import nn
 import layerwatch
 from layerwatch.syncs import HostReads
 from tests.client.conftest import layer_rows, read_spool
+from tests.waiting import wait_until
 
 
 def offline(model: nn.Module, tmp_path: Path, **kwargs) -> layerwatch.Monitor:
@@ -198,9 +198,7 @@ def test_first_nan_origin_in_forward_pass(tmp_path):
             with torch.no_grad():
                 model[2].weight[0, 0] = float("nan")
         if step == 8:  # the report of steps 4-7 showed the NaN: element counting is switched on
-            deadline = time.monotonic() + 10
-            while not mon.recorder.count_nonfinite and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until(lambda: mon.recorder.count_nonfinite, 10, "element counting to be switched on", 0.01)
         model(torch.randn(16, 4)).mean().backward()
         mon.step(loss=torch.tensor(1.0))
         model.zero_grad()

@@ -210,8 +210,9 @@ class Ingestor:
     ) -> dict[int, int]:
         """Batch index -> stable DB id, by name (wire indices are only valid inside one batch).
 
-        New names go in with one statement whatever their number (a statement per row cost ~1 ms each: a
-        batch of 100k new layers held the SQLite writer for minutes)."""
+        New names go in with one statement whatever their number: multi-row INSERTs built with Core cost
+        ~0.15 ms a row, most of it compiling them (40,000 new series held the SQLite writer for 6.6 s, 100,000
+        for minutes); this one is built once, and its rows travel as one JSON array."""
         if not defs:
             return {}
         model = Layer if kind == "layer" else Param

@@ -148,3 +148,17 @@ def test_a_collector_failing_forever_leaves_everything_to_sync(collector, tmp_pa
     result = CliRunner().invoke(cli, ["sync", str(tmp_path / "spool"), "--url", collector.url])
     assert result.exit_code == 0, result.output
     assert collector.steps() == expected(mon, 10)
+
+
+def test_force_flush_delivers_what_was_reported_and_says_so(collector, tmp_path):
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    mon = layerwatch.watch(model, url=collector.url, every=5)
+    train(mon, model, 10)
+    assert mon.force_flush(10)  # both reports delivered before close()
+    assert collector.steps() == expected(mon, 10)
+    collector.mode = "status"  # 500 from now on: retried, not delivered
+    train(mon, model, 5, start=10)
+    assert not mon.force_flush(0.5)
+    collector.mode = "ok"
+    assert mon.force_flush(10) and collector.steps() == expected(mon, 15)
+    mon.close()

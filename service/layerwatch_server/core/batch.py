@@ -11,6 +11,7 @@ hold one), and a run ``config`` of bounded depth and size (its JSON is written b
 
 from __future__ import annotations
 
+import json
 import math
 import operator
 from typing import Annotated, Any, Literal
@@ -18,7 +19,6 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from layerwatch import wire
-from layerwatch_server.storage.base import json_serializer
 
 MAX_STEPS = 10_000
 # Layers in one batch, and layers a run may have over its life (the same for parameters): well above real
@@ -214,6 +214,6 @@ def check_config(config: dict[str, Any]) -> None:
         if depth > MAX_CONFIG_DEPTH:
             raise ValueError(f"nested deeper than {MAX_CONFIG_DEPTH} levels")
         todo.extend((item, depth + 1) for item in items)
-    size = len(json_serializer(config).encode())
+    size = len(json.dumps(config, default=str).encode())  # as stored, to a few bytes (NaN is stored quoted)
     if size > MAX_CONFIG_BYTES:
         raise ValueError(f"{size} bytes as JSON, more than the {MAX_CONFIG_BYTES} allowed")

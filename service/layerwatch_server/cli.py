@@ -164,10 +164,10 @@ def backfill_mlflow(run_id: str, **flags: Any) -> None:
     from layerwatch_server.mirrors.mlflow_mirror import from_settings
 
     settings = _settings(**flags)
+    _existing_database(settings)
     mirror = from_settings(settings)
     if mirror is None:
         raise click.ClickException("MLflow mirroring is off; pass --mlflow-tracking-uri")
-    _existing_database(settings)
     engine = make_engine(settings.db_url)
     try:
         last = mirror.backfill(engine, run_id)

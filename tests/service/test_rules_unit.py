@@ -315,6 +315,15 @@ def test_loss_plateau_is_off_by_default_and_judges_a_trend():
     assert len(flat.obs) == (400 - 200) // 10 + 1  # judged at block ends only
 
 
+def test_rule_memory_written_by_the_previous_rules_is_read_without_error():
+    """A run ingested across the upgrade: its memory holds the old plateau best and a 50-loss spike window."""
+    rules = {**only("loss_plateau", enabled=True, patience=20, window=5), **only("loss_spike")}
+    h = Harness(rules)
+    h.mems[0] = {"loss_plateau": {"recent": [1.0] * 10, "best": 1.0, "best_step": 3}, "loss_spike": [1.0] * 50}
+    h.feed(*(step(i, 1.0 + 0.01 * _noise(i)) for i in range(60)))
+    assert h.state("loss_plateau") == "firing" and not h.breaches("loss_spike")
+
+
 def test_loss_plateau_not_on_a_rise_a_converged_loss_or_a_gain_beyond_the_noise():
     rules = only("loss_plateau", enabled=True, patience=100, window=10)
     rise = Harness(rules).feed(*(step(i, 1.0 if i < 100 else 3.0) for i in range(200)))

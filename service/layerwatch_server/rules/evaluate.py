@@ -249,8 +249,8 @@ def gradient_jump(r: Rule, v: StepView, mem: dict[str, Any]) -> Obs | None:
 
 def gradients(r: Rule, v: StepView, exploding: bool, mem: dict[str, Any], report: bool) -> list[Obs]:
     """Per layer: the weight's gradient norm against the absolute ``threshold``, at reports. Run level: the
-    first/last weight-layer ratio against ``ratio`` (at reports; remembered between them) and, for exploding
-    gradients, the total norm's jump (every step); one run-level observation says whether either holds."""
+    bottom/top ratio against ``ratio`` (at reports; remembered between them) and, for exploding gradients, the
+    total norm's jump (every step); one run-level observation says whether either holds."""
     out = []
     ratio_key = f"{r.name}.ratio"
     if report:
@@ -305,11 +305,10 @@ def loss_spike(r: Rule, v: StepView, mem: dict[str, Any]) -> list[Obs]:
     rise = False
     if len(hist) >= (r.warmup or 1):
         med, spread = _robust(hist)
+        min_rel = r.min_rel or 0.0
         top = max(hist) - med  # a spike goes twice as far as the window's highest loss: an outlier of the kind
-        limit = med + max(r.threshold * spread, (r.min_rel or 0.0) * abs(med), 2 * top)  # seen lately is noise
-        why = (
-            f"median {med:.4g} + max({r.threshold:.3g} x spread {spread:.3g}, {r.min_rel:.3g} x median, 2 x {top:.3g})"
-        )
+        limit = med + max(r.threshold * spread, min_rel * abs(med), 2 * top)  # seen lately is noise
+        why = f"median {med:.4g} + max({r.threshold:.3g} x spread {spread:.3g}, {min_rel:.3g} x median, 2 x {top:.3g})"
         bounds.append((limit, why))
         if r.rise:
             low = med + max(r.rise * spread, RISE_MIN_REL * abs(med))
@@ -339,7 +338,7 @@ def loss_plateau(r: Rule, v: StepView, mem: dict[str, Any]) -> list[Obs]:
         return []
     size, span = r.window or 10, max(2, (r.patience or 300) // (r.window or 10))
     block: list[float] = mem.setdefault(f"{r.name}.block", [])
-    medians: list[float] = mem.setdefault(r.name, [])
+    medians: list[float] = mem.setdefault(f"{r.name}.medians", [])  # (the rule's name held a best until 2026-12)
     block.append(v.loss)
     if len(block) < size:
         return []
@@ -352,13 +351,14 @@ def loss_plateau(r: Rule, v: StepView, mem: dict[str, Any]) -> list[Obs]:
     spread = 1.4826 * statistics.median([abs(x - old) for x in before] + [abs(x - new) for x in recent])
     stderr = 1.2533 * spread * math.sqrt(2 / span)  # of a difference of two medians of `span` blocks
     gain = old - new
-    margin = max((r.min_delta or 0.0) * abs(old), r.threshold * stderr)
+    min_delta = r.min_delta or 0.0
+    margin = max(min_delta * abs(old), (r.threshold or 0.0) * stderr)
     # flat: neither a gain nor a rise beyond the margin (a rising loss is loss_spike's, or a new task's)
     breach = -margin < gain < margin and new > (r.loss_floor or 0.0)
     msg = (
         f"loss median {new:.4g} over the last {span * size} steps vs {old:.4g} over the {span * size} before: "
         f"changed {-gain / abs(old) if old else 0.0:+.1%}, within the margin {margin:.3g} "
-        f"(max of {r.min_delta:.1%} and {r.threshold:.3g} standard errors)"
+        f"(max of {min_delta:.1%} and {r.threshold or 0.0:.3g} standard errors)"
     )
     return [Obs(r.name, "", breach, new, old, msg)]
 

@@ -72,6 +72,8 @@ def sync(directory: Path, url: str, token: str | None, timeout: float, retries: 
             for d in rejected:
                 if not upload.drain(spool.Spool(d, max_bytes=1 << 62), again=spool.pending_records(d)):
                     break
+                if not spool.pending_records(d):
+                    (d / spool.REASONS).unlink(missing_ok=True)  # all taken: the reasons are history
     still_rejected = [(d, n) for d in sorted(directory.rglob(spool.REJECTED)) if (n := spool.pending_records(d))]
     for d, n in still_rejected:
         reasons = list(dict.fromkeys(reversed(spool.rejected_reasons(d))))[:3]
@@ -142,10 +144,10 @@ class _Upload:
 def _keep_rejected(queue: spool.Spool, payload: bytes, reason: str) -> bool:
     """A set-aside batch refused again goes back to the end of its rejected/ folder, with the new reason."""
     try:
-        kept = queue.append(payload)
-        with open(queue.directory / spool.REASONS, "a") as f:
-            f.write(json.dumps({"time": time.time(), "reason": reason, "bytes": len(payload)}) + "\n")
-        return kept
+        if not queue.append(payload):
+            return False
+        spool.note_rejection(queue.directory, reason, len(payload))
+        return True
     except OSError:
         return False
 

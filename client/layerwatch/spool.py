@@ -273,13 +273,17 @@ class Spool:
                 self._rejected = Spool(self.directory / REJECTED, self.max_bytes)
             if not self._rejected.append(payload):
                 return False
-            entry = {"time": time.time(), "reason": reason, "bytes": len(payload)}
-            with open(self._rejected.directory / REASONS, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+            note_rejection(self._rejected.directory, reason, len(payload))
             return True
         except OSError as exc:
             log.warning("layerwatch: could not set a refused batch aside in %s: %s", self.directory / REJECTED, exc)
             return False
+
+
+def note_rejection(directory: Path, reason: str, size: int) -> None:
+    """Say why a batch kept in ``directory`` (a ``rejected/`` folder) was refused."""
+    with open(directory / REASONS, "a") as f:
+        f.write(json.dumps({"time": time.time(), "reason": reason, "bytes": size}) + "\n")
 
 
 def rejected_reasons(directory: Path) -> list[str]:

@@ -2,6 +2,7 @@
 
     python bench/client_overhead.py               # MLP + small CNN on CPU; + ResNet-style and transformer on GPU
     python bench/client_overhead.py --steps 300 --models mlp
+    python bench/client_overhead.py --compile --models gpt2,cnn   # eager and compiled, side by side
 
 Prints, per model: bare and instrumented median step time (default settings, and every=1), their ratios,
 host synchronisations per step made by the client on the training thread (must be 0), and the client's
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import gc
 import statistics
 import sys
@@ -99,7 +101,29 @@ def transformer() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return TinyTransformer(), tokens, torch.randint(0, 8000, (32 * 256,))
 
 
-CPU_MODELS = {"mlp": mlp, "cnn": small_cnn}
+class Gpt2Tiny(nn.Module):
+    """transformers' GPT-2 from a tiny config (random weights, nothing downloaded), logits flattened for CE."""
+
+    def __init__(self, layers: int, width: int, vocab: int, positions: int) -> None:
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(n_layer=layers, n_embd=width, n_head=4, vocab_size=vocab, n_positions=positions)
+        config.bos_token_id = config.eos_token_id = 0
+        self.gpt2 = GPT2LMHeadModel(config)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.gpt2(input_ids=tokens).logits.flatten(0, 1)
+
+
+def gpt2_tiny() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    big = torch.cuda.is_available()
+    layers, width, vocab, seq, batch = (4, 256, 4096, 128, 16) if big else (2, 128, 1024, 64, 8)
+    tokens = torch.randint(0, vocab, (batch, seq))
+    return Gpt2Tiny(layers, width, vocab, seq), tokens, torch.randint(0, vocab, (batch * seq,))
+
+
+CPU_MODELS = {"mlp": mlp, "cnn": small_cnn, "gpt2": gpt2_tiny}
 GPU_MODELS = {**CPU_MODELS, "resnet": resnet_style, "transformer": transformer}
 
 
@@ -187,6 +211,46 @@ def bench_model(name: str, build, device: torch.device, steps: int, block: int, 
     gc.collect()
 
 
+def bench_compiled(name: str, build, device: torch.device, steps: int, block: int, spool: str) -> None:
+    """Eager and torch.compile'd, each bare and instrumented (watch() then compile, default settings): four
+    copies of one model trained in alternating blocks, ratios within each mode side by side."""
+    torch.manual_seed(0)
+    original, x, y = build()
+    x, y = x.to(device), y.to(device)
+    variants: dict[str, tuple[nn.Module, torch.optim.Optimizer, layerwatch.Monitor | None]] = {}
+    for label in ("bare", "instrumented", "bare compiled", "instrumented compiled"):
+        model = copy.deepcopy(original).to(device)
+        mon = None
+        if label.startswith("instrumented"):
+            mon = layerwatch.watch(model, run_name=f"bench-{name}-{label}", mode="offline", spool_dir=spool)
+        forward = torch.compile(model) if label.endswith("compiled") else model
+        variants[label] = (forward, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9), mon)
+    start = time.perf_counter()
+    for forward, opt, mon in variants.values():
+        timed_steps(forward, opt, x, y, 5, mon)  # warm-up: compilation, layer discovery, autotuning
+    warmup = time.perf_counter() - start
+    results: dict[str, list[float]] = {label: [] for label in variants}
+    for _ in range(max(steps // block, 1)):
+        for label, (forward, opt, mon) in variants.items():
+            results[label] += timed_steps(forward, opt, x, y, block, mon)
+    counter = HostReads()
+    forward, opt, mon = variants["instrumented compiled"]
+    with counter:
+        timed_steps(forward, opt, x, y, 10, mon)
+    for _, _, mon in variants.values():
+        if mon is not None:
+            mon.close()
+    median = {label: statistics.median(times) for label, times in results.items()}
+    print(
+        f"{name:12s} | eager bare {median['bare'] * 1e3:8.2f} ms, instrumented {median['instrumented'] * 1e3:8.2f} ms"
+        f" (x{median['instrumented'] / median['bare']:.3f}) | compiled bare {median['bare compiled'] * 1e3:8.2f} ms,"
+        f" instrumented {median['instrumented compiled'] * 1e3:8.2f} ms"
+        f" (x{median['instrumented compiled'] / median['bare compiled']:.3f})"
+        f" | syncs/step (compiled) {len(counter.calls) / 10:.1f} | warm-up {warmup:.0f} s",
+        flush=True,
+    )
+
+
 def _watched(model, mon):
     from layerwatch.layers import select
 
@@ -201,6 +265,7 @@ def main() -> None:
     parser.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(GPU_MODELS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    parser.add_argument("--compile", action="store_true", help="eager and torch.compile'd, bare and instrumented")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -213,7 +278,8 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as spool:
         for name in names:
-            bench_model(name, available[name], device, args.steps, args.block, spool)
+            bench = bench_compiled if args.compile else bench_model
+            bench(name, available[name], device, args.steps, args.block, spool)
 
 
 if __name__ == "__main__":

@@ -188,11 +188,13 @@ class Recorder:
         """Account the records traced in compiled graphs since the last fold, in their execution order."""
         traced = list(self._traced)
         self._traced.clear()  # the same list: a new one would fail the compiled graph's guards
+        last_output = self._traced_last
         self._traced_last = self._traced_shape = None
         previous: Layer | None = None
         for module, spec, shape, dim, feeds, record, unit_max, unit_min in traced:
-            if feeds and previous is not None and not previous.spec.activation:
-                previous.feeds_activation = True
+            if feeds and previous is not None and not previous.spec.activation and not previous.feeds_activation:
+                previous.feeds_activation = True  # and its first record loses its zero count, as in _note_input
+                previous.records[self.slot][stats.RAW_NONZERO] = math.nan
             numel = math.prod(shape)
             units = shape[dim] if shape else 1
             layer = self._by_module.get(id(module), {}).get(units) or self._new_layer(
@@ -204,6 +206,8 @@ class Recorder:
                 unit_max = unit_min = None
             self._account(layer, record, unit_max, unit_min, numel, merge=layer.index in self.current.elements)
             previous = layer
+        if previous is not None and last_output is not None:  # an eager hook next (after a graph break) may take it
+            self._last = (weakref.ref(last_output), previous)
 
     def _note_input(self, source: object) -> Layer | None:
         """The layer whose output, recorded just before, is this activation's input, or None.

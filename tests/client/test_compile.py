@@ -1,0 +1,105 @@
+"""torch.compile, in both orders: statistics equal to the eager run's, names as in the original model.
+
+Compiling takes tens of seconds on a small CPU, so the models are tiny and each order runs once per model.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import layerwatch
+from tests.client.real_models import CASES, STEPS, WINDOW, Capture, compare, expected_rows, reported_rows, train
+
+
+def _no_dropout(model: nn.Module) -> nn.Module:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0  # compiled code draws other random numbers than eager code
+    return model
+
+
+def _run(case_name: str, model: nn.Module, order: str, tmp_path) -> tuple[dict, dict, Capture]:
+    case = CASES[case_name]
+    capture = Capture(case)
+    if order == "eager":  # (under compile the test's own hooks would break the graph at every module)
+        capture.attach(model)
+    forward = model
+    if order == "compile, run, watch":
+        forward = torch.compile(model)
+        torch.manual_seed(123)
+        case_batch = case.batch()
+        from tests.client.real_models import hf_loss
+
+        hf_loss(forward, case_batch).backward()  # compiled and run before watch() sees it
+        model.zero_grad(set_to_none=True)
+        capture.steps = [[]]
+        mon = layerwatch.watch(forward, mode="offline", spool_dir=str(tmp_path), every=STEPS, window=WINDOW)
+    else:
+        mon = layerwatch.watch(model, mode="offline", spool_dir=str(tmp_path), every=STEPS, window=WINDOW)
+        if order == "watch, compile":
+            forward = torch.compile(model)
+    torch.manual_seed(0)
+    train(model, case, capture, mon, forward=forward)
+    mon.close()
+    assert not mon.recorder.failed
+    reported, layers = reported_rows(tmp_path)
+    return reported, layers, capture
+
+
+def _same(eager: dict, compiled: dict) -> list[str]:
+    problems = []
+    for key in eager.keys() | compiled.keys():
+        if key not in eager or key not in compiled:
+            problems.append(f"{key}: in one run only")
+            continue
+        for stat, value in eager[key].items():
+            other = compiled[key][stat]
+            differs = value is not None and other != pytest.approx(value, rel=2e-3, abs=1e-5)
+            if (value is None) != (other is None) or differs:
+                problems.append(f"{key} {stat}: eager {value!r}, compiled {other!r}")
+    return problems
+
+
+def _check(case_name: str, tmp_path) -> None:
+    torch.manual_seed(0)
+    original = _no_dropout(CASES[case_name].build())
+    eager, eager_layers, capture = _run(case_name, copy.deepcopy(original), "eager", tmp_path / "eager")
+    assert compare(expected_rows(capture), eager) == []
+    for order in ("watch, compile", "compile, run, watch"):
+        torch._dynamo.reset()
+        reported, layers, _ = _run(case_name, copy.deepcopy(original), order, tmp_path / order.replace(", ", "-"))
+        assert list(layers) == list(eager_layers), order  # same names, same order: no _orig_mod. prefix
+        assert _same(eager, reported) == [], order
+
+
+def test_conv_bn_relu_net_compiles_with_hooks_in_both_orders(tmp_path):
+    _check("inplace_cnn", tmp_path)
+
+
+@pytest.mark.slow
+def test_gpt2_compiles_with_hooks_in_both_orders(tmp_path):
+    pytest.importorskip("transformers")
+    _check("gpt2", tmp_path)
+
+
+def test_gradient_accumulation_under_compile_compiles_once(tmp_path):
+    """Traced records are folded before each forward, so a micro-batch finds the compiled graph's guards met."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = CASES["inplace_cnn"].build()
+    mon = layerwatch.watch(model, mode="offline", spool_dir=str(tmp_path), every=STEPS)
+    compiled = torch.compile(model)
+    for _ in range(2):
+        for _ in range(3):
+            compiled(torch.randn(2, 3, 8, 8)).sum().backward()
+        mon.step()
+    mon.close()
+    assert counters["stats"]["unique_graphs"] == 1
+    _, layers = reported_rows(tmp_path)
+    assert "stem.0" in layers and "blocks.1.relu" in layers

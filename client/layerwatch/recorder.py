@@ -95,6 +95,8 @@ class Recorder:
         # Calls traced by torch.compile since the last fold: (module, spec, shape, unit dim, feeds from the
         # output before it, record, unit max, unit min), and what the next traced call needs of the last one.
         self._traced: list[tuple] = []
+        self.compiled = False  # a compiled graph has traced the hooks
+        self._said_eager = False  # the warning that some hook runs eagerly in a compiled model was given
         self._traced_last: torch.Tensor | None = None
         self._traced_shape: tuple[int, tuple[int, ...]] | None = None  # (unit dim, shape)
 
@@ -151,6 +153,13 @@ class Recorder:
             try:
                 if self._traced:
                     self.fold()
+                if self.compiled and not self._said_eager:
+                    self._said_eager = True
+                    log.warning(
+                        "layerwatch: %s runs outside the compiled graphs (a graph break, or a part not compiled): "
+                        "its statistics take the eager path (the same figures, not fused into the model's kernels)",
+                        spec.name,
+                    )
                 source = None
                 if spec.activation and inputs and self._last is not None:
                     source = self._note_input(inputs[0])
@@ -186,6 +195,7 @@ class Recorder:
 
     def fold(self) -> None:
         """Account the records traced in compiled graphs since the last fold, in their execution order."""
+        self.compiled = True
         traced = list(self._traced)
         self._traced.clear()  # the same list: a new one would fail the compiled graph's guards
         last_output = self._traced_last

@@ -103,3 +103,40 @@ def test_gradient_accumulation_under_compile_compiles_once(tmp_path):
     assert counters["stats"]["unique_graphs"] == 1
     _, layers = reported_rows(tmp_path)
     assert "stem.0" in layers and "blocks.1.relu" in layers
+
+
+class Broken(nn.Module):
+    """A graph break between two parts, the second of which dynamo is told not to compile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+        self.second = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.eager_part(self.first(x))
+
+    @torch.compiler.disable
+    def eager_part(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(x)
+
+
+def test_hooks_outside_the_graphs_take_the_eager_path_with_one_warning(tmp_path, caplog):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Broken()
+    eager_model = copy.deepcopy(model)
+    inputs = [torch.randn(3, 4) for _ in range(2)]
+    runs = {}
+    for label, target, compiled in (("eager", eager_model, False), ("compiled", model, True)):
+        mon = layerwatch.watch(target, mode="offline", spool_dir=str(tmp_path / label), every=2)
+        forward = torch.compile(target) if compiled else target
+        with caplog.at_level("WARNING", logger="layerwatch"):
+            for x in inputs:
+                forward(x).sum().backward()
+                mon.step()
+        mon.close()
+        runs[label] = reported_rows(tmp_path / label)[0]
+    assert _same(runs["eager"], runs["compiled"]) == []
+    warned = [r for r in caplog.records if "runs outside the compiled graphs" in r.getMessage()]
+    assert len(warned) == 1 and "second.0" in warned[0].getMessage()

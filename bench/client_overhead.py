@@ -108,8 +108,8 @@ class Gpt2Tiny(nn.Module):
         super().__init__()
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        config = GPT2Config(n_layer=layers, n_embd=width, n_head=4, vocab_size=vocab, n_positions=positions)
-        config.bos_token_id = config.eos_token_id = 0
+        sizes = {"n_layer": layers, "n_embd": width, "n_head": 4, "vocab_size": vocab, "n_positions": positions}
+        config = GPT2Config(**sizes, bos_token_id=0, eos_token_id=0)
         self.gpt2 = GPT2LMHeadModel(config)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -280,3 +280,20 @@ def compiled(model: nn.Module) -> bool:
     return any(
         _is_compiled_wrapper(m) or getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()
     ) or _is_compiled_wrapper(model)
+
+
+def let_compiled_code_see_hooks(model: nn.Module) -> bool:
+    """Make torch.compile'd code run the hooks about to be added; True when that took dropping its caches.
+
+    By default dynamo does not guard on module hooks: code compiled before they were added (this model
+    compiled before watch(), or another instance of its class) would run without them, silently. With hook
+    guards on, later compilations notice hooks; code compiled before is dropped (``torch._dynamo.reset()``:
+    everything compiled recompiles once at its next call)."""
+    import torch._dynamo
+
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    frames = getattr(sys.modules.get("torch._dynamo.convert_frame"), "FRAME_COUNTER", 0)
+    if frames or compiled(model):
+        torch._dynamo.reset()
+        return True
+    return False

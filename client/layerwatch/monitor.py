@@ -24,7 +24,7 @@ from layerwatch.batching import BatchBuilder
 from layerwatch.config import Config
 from layerwatch.distributed import ParamStats, UnitReducer, rank_and_world, run_key
 from layerwatch.exporter import Exporter
-from layerwatch.layers import compiled, select, unwrap
+from layerwatch.layers import let_compiled_code_see_hooks, select, unwrap
 from layerwatch.recorder import Recorder
 from layerwatch.report import Report, StepMeta
 from layerwatch.spool import Spool
@@ -69,11 +69,8 @@ class Monitor:
             return
 
         inner = unwrap(model)
-        if compiled(model):
-            # Compiled code does not see hooks added after it was traced (dynamo skips hook guards): drop it,
-            # and the model recompiles with the hooks at its next call.
-            log.info("layerwatch: resetting torch.compile's caches so that the compiled model sees the hooks")
-            torch._dynamo.reset()
+        if let_compiled_code_see_hooks(model):
+            log.info("layerwatch: torch.compile's caches reset: code compiled before watch() would not run its hooks")
         self.rank, self.world_size = rank_and_world()
         self.run_key = run_key(config.run_key)
         self.run_name = config.run_name or self.run_key

@@ -140,3 +140,16 @@ def test_hooks_outside_the_graphs_take_the_eager_path_with_one_warning(tmp_path,
     assert _same(runs["eager"], runs["compiled"]) == []
     warned = [r for r in caplog.records if "runs outside the compiled graphs" in r.getMessage()]
     assert len(warned) == 1 and "second.0" in warned[0].getMessage()
+
+
+def test_an_instance_compiled_before_watch_does_not_lend_its_hookless_code(tmp_path):
+    """Dynamo does not guard on hooks by default: B would run the code compiled for A, without B's hooks."""
+    torch._dynamo.reset()
+    first, second = CASES["inplace_cnn"].build(), CASES["inplace_cnn"].build()
+    mon = layerwatch.watch(second, mode="offline", spool_dir=str(tmp_path), every=1)
+    torch.compile(first)(torch.randn(2, 3, 8, 8)).sum().backward()  # compiled after watch(), without hooks
+    torch.compile(second)(torch.randn(2, 3, 8, 8)).sum().backward()
+    mon.step()
+    mon.close()
+    _, layers = reported_rows(tmp_path)
+    assert {"stem.0", "stem.2", "blocks.0.conv1", "head"} <= set(layers)

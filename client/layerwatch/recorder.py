@@ -104,9 +104,12 @@ class Recorder:
     def attach(self, model: nn.Module, watched: list[tuple[nn.Module, LayerSpec]]) -> None:
         # Before each forward (a micro-batch), fold what compiled graphs traced: traced calls append to one
         # list whose length the compiled graph guards, so it must start every forward empty. The hook is
-        # excluded from compilation: run eagerly, before the graph (torch._dynamo, which that imports, is
-        # imported by the first optimizer step anyway).
-        self._handles.append(model.register_forward_pre_hook(torch.compiler.disable(self._start_forward)))
+        # excluded from compilation: torch.compile(model) runs the hooks of a model class of your own outside
+        # its graph. A torch.nn container (nn.Sequential) compiled whole is traced with its own hooks: there
+        # the hook would break the graph before its children, whose hooks dynamo would then compile one by
+        # one, so it is left out, and such a model recompiles once per micro-batch under gradient accumulation.
+        if not type(model).__module__.startswith("torch.nn."):
+            self._handles.append(model.register_forward_pre_hook(torch.compiler.disable(self._start_forward)))
         for module, spec in watched:
             self._handles.append(module.register_forward_hook(self._hook_for(spec)))
         self.watched = len(watched)

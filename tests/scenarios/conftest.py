@@ -10,18 +10,40 @@ from typing import Any
 import httpx
 import pytest
 import torch
+import yaml
 
 import layerwatch
+from tests.scenarios.suite import Pager
 from tests.service.server import running_server
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """These models are tiny: a second torch thread only fights the collector for the CPU (25x slower on a
+    loaded 2-core machine). Restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def collector(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def pager() -> Iterator[Pager]:
+    """The collector's only notification channel: a webhook receiver in this process (a notification is a page)."""
+    p = Pager()
+    yield p
+    p.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def collector(tmp_path_factory: pytest.TempPathFactory, pager: Pager) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("scenario")
     db = f"sqlite:///{tmp}/lw.db"
     subprocess.run([sys.executable, "-m", "layerwatch_server.cli", "migrate", "--db", db], check=True)
+    rules = tmp / "rules.yaml"
+    rules.write_text(yaml.safe_dump({"channels": {"pager": {"type": "webhook", "url": pager.url}}}))
     # Alerts are what these tests judge: no MLflow mirror (its in-process store would share the CPU).
-    env = {"LAYERWATCH_MLFLOW_TRACKING_URI": "off"}
+    env = {"LAYERWATCH_MLFLOW_TRACKING_URI": "off", "LAYERWATCH_RULES_FILE": str(rules)}
     with running_server(db, log_path=tmp / "server.log", args=("--no-auth",), env=env) as (base, _):
         yield base
 

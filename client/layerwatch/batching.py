@@ -35,8 +35,10 @@ class BatchBuilder:
         self._origin_sent = False
         self._weight_norms: dict[int, float] = {}
 
-    def build(self, report: Report) -> Packed:
-        """The batch for ``report``, all but its ``dropped`` field."""
+    def build(self, report: Report) -> list[Packed]:
+        """The batches for ``report``, all but their ``dropped`` field: one, or several in step order when its
+        rows would pass the collector's ``MAX_ROWS`` (a wide model with a long ``every``). The run's config goes
+        in the run's first batch, the first NaN/Inf's origin in the first part, the end of the run in the last."""
         if report.ready is not None:
             report.ready.synchronize()  # waits here, on the exporter's thread, never on the training thread
         values = report.flat.tolist() if report.flat is not None else []
@@ -44,15 +46,33 @@ class BatchBuilder:
         if self.on_uncounted_nonfinite is not None and uncounted_nonfinite(steps):
             self.on_uncounted_nonfinite()
             self.on_uncounted_nonfinite = None  # once: counting stays on for the rest of the run
-        batch = {"v": wire.VERSION, **self.header, "seq": self._seq}
-        if self._seq > 0:
-            batch["run"] = {k: v for k, v in batch["run"].items() if k != "config"}
-        self._seq += 1
         origin = None
         if not self._origin_sent:
             names = [layer["name"] for layer in report.layers]
             origin = first_nonfinite(steps, names, self.param_names, self.header["rank"])
             self._origin_sent = origin is not None
+        parts = split_rows(steps, wire.MAX_ROWS)
+        return [
+            self._batch(
+                report,
+                part,
+                origin if i == 0 else None,
+                {"status": report.end} if report.end and i == len(parts) - 1 else None,
+            )
+            for i, part in enumerate(parts)
+        ]
+
+    def _batch(
+        self,
+        report: Report,
+        steps: list[dict[str, Any]],
+        origin: dict[str, Any] | None,
+        end: dict[str, str] | None,
+    ) -> Packed:
+        batch = {"v": wire.VERSION, **self.header, "seq": self._seq}
+        if self._seq > 0:
+            batch["run"] = {k: v for k, v in batch["run"].items() if k != "config"}
+        self._seq += 1
         batch.update(
             layers=report.layers,
             params=self.params,
@@ -60,9 +80,24 @@ class BatchBuilder:
             param_stats=list(wire.PARAM_STATS),
             steps=steps,
             nonfinite_origin=origin,
-            end={"status": report.end} if report.end else None,
+            end=end,
         )
         return Packed.of(batch)
+
+
+def split_rows(steps: list[dict[str, Any]], max_rows: int) -> list[list[dict[str, Any]]]:
+    """``steps`` in consecutive runs of at most ``max_rows`` layer and parameter rows each (a step is never cut:
+    one step of any model the collector takes fits), always at least one run."""
+    parts: list[list[dict[str, Any]]] = [[]]
+    rows = 0
+    for step in steps:
+        size = len(step["layers"]) + len(step["params"])
+        if parts[-1] and rows + size > max_rows:
+            parts.append([])
+            rows = 0
+        parts[-1].append(step)
+        rows += size
+    return parts
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@ read a collector. Only the standard library, click and rich: it runs wherever th
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as dt
+import itertools
 import json
 import math
 import os
@@ -50,20 +52,31 @@ def main() -> None:
 @token_option
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds per request.")
 @click.option("--retries", default=8, show_default=True, help="Attempts per batch on retryable errors.")
+@click.option(
+    "--in-flight",
+    default=4,
+    show_default=True,
+    type=click.IntRange(1, 32),
+    help="Batches sent at once (the collector stores them concurrently).",
+)
 @click.option("--rejected", "resend_rejected", is_flag=True, help="Also resend the batches set aside in rejected/.")
-def sync(directory: Path, url: str, token: str | None, timeout: float, retries: int, resend_rejected: bool) -> None:
-    """Upload the spooled batches under DIRECTORY (an offline run, or what a run left behind), in order.
+def sync(
+    directory: Path, url: str, token: str | None, timeout: float, retries: int, in_flight: int, resend_rejected: bool
+) -> None:
+    """Upload the spooled batches under DIRECTORY (an offline run, or what a run left behind).
 
-    Uploading twice is harmless: the collector ignores steps it already has. Batches the collector refuses
-    as malformed are set aside in rejected/ (listed here; --rejected resends them) and the rest go on.
-    Exits 1 when anything was not delivered.
+    Uploading twice is harmless: the collector ignores steps it already has. Batches go --in-flight at a
+    time; a spool's last batch (a run's end) goes after all the others, and what is marked delivered on disk
+    never passes a batch still on its way, so a sync that is stopped resends rather than skips. Batches the
+    collector refuses as malformed are set aside in rejected/ (listed here; --rejected resends them) and the
+    rest go on. Exits 1 when anything was not delivered.
     """
     spools = spool.spools_under(directory)
     rejected = [d for d in sorted(directory.rglob(spool.REJECTED)) if spool.pending_records(d)]
     if not spools and not rejected:
         _say(f"[yellow]No spooled batches under {escape(str(directory))}.[/]")
         return
-    upload = _Upload(transport.HttpTransport(url, token, timeout), url, retries)
+    upload = _Upload(transport.HttpTransport(url, token, timeout), url, retries, in_flight)
     with console.status(f"Uploading batches from {len(spools)} spool(s) to {url} ...") as upload.status:
         for d in spools:
             if not upload.drain(spool.Spool(d, max_bytes=1 << 62)):
@@ -88,45 +101,49 @@ def sync(directory: Path, url: str, token: str | None, timeout: float, retries: 
 
 
 class _Upload:
-    """One `layerwatch sync`: spools drained in order through the shared retry loop, outcomes tallied."""
+    """One `layerwatch sync`: each spool's records sent ``in_flight`` at a time through the shared retry loop,
+    acknowledged in spool order, outcomes tallied. Only the calling thread touches the spool."""
 
-    def __init__(self, sender: transport.Transport, url: str, retries: int) -> None:
-        self.sender, self.url, self.retries = sender, url, retries
+    def __init__(self, sender: transport.Transport, url: str, retries: int, in_flight: int = 1) -> None:
+        self.sender, self.url, self.retries, self.in_flight = sender, url, retries, in_flight
         self.status: Any = None
         self.sent = self.failed = self.corrupt = 0
         self.stopped = False
 
     def drain(self, queue: spool.Spool, again: int | None = None) -> bool:
-        """Deliver ``queue`` head first; ``again``: resend that many set-aside batches. False: stop syncing."""
-        done, where = 0, str(queue.directory)
+        """Deliver ``queue`` oldest first; ``again``: resend that many set-aside batches. False: stop syncing."""
+        records = queue.pending()
+        if again is not None:
+            records = itertools.islice(records, again)
+        acks = _InOrder(queue)
+        halted = False
+        ahead = next(records, None)
         try:
-            while (again is None or done < again) and (head := queue.head()) is not None:
-                segment, offset, payload = head
-                outcome, result = delivery.deliver(
-                    self.sender, payload, self._wait, attempts=self.retries + 1, max_backoff=30.0
-                )
-                if outcome is delivery.Outcome.RETRY:
-                    self.failed += 1
-                    _say(f"[red]{escape(where)}: {escape(result.error)}[/] - stopped here; sync again later.")
-                    return True
-                if outcome is delivery.Outcome.KEEP:
-                    self.failed += 1
-                    self.stopped = True
-                    _say(f"[red]{escape(result.error)}[/]: check --url and --token; nothing more is sent.")
-                    return False
-                if outcome is delivery.Outcome.POISON:
-                    _say(f"[yellow]{escape(where)}: the collector refused a batch ({escape(result.error)})[/]")
-                    if again is None:
-                        queue.set_aside(payload, result.error)
-                    elif not _keep_rejected(queue, payload, result.error):
-                        return True  # it stays where it was
-                else:
-                    self.sent += 1
-                queue.ack(segment, offset)
-                done += 1
-                self.status.update(f"Uploading batches to {self.url} ... {self.sent} sent")
-            return True
+            with concurrent.futures.ThreadPoolExecutor(self.in_flight, thread_name_prefix="layerwatch-sync") as pool:
+                flying: dict[concurrent.futures.Future, tuple[int, bytes]] = {}
+                while True:
+                    while ahead is not None and not halted and len(flying) < self.in_flight:
+                        following = next(records, None)
+                        if following is None and flying:
+                            break  # the last batch (a run's end) goes when all before it are delivered
+                        segment, offset, payload = ahead
+                        ahead, turn = following, acks.add(segment, offset)
+                        if payload is None:  # an unreadable span, already set aside
+                            acks.done(turn)
+                        else:
+                            flying[pool.submit(self._deliver, payload)] = (turn, payload)
+                    if not flying:
+                        return not self.stopped
+                    finished, _ = concurrent.futures.wait(flying, return_when=concurrent.futures.FIRST_COMPLETED)
+                    for future in finished:
+                        turn, payload = flying.pop(future)
+                        outcome, result = future.result()
+                        if self._settle(queue, payload, outcome, result, again, quiet=halted):
+                            acks.done(turn)
+                        else:
+                            halted = halted or outcome in (delivery.Outcome.RETRY, delivery.Outcome.KEEP)
         finally:
+            queue.head()  # removes the segments that were delivered whole
             for span in queue.corrupt:
                 self.corrupt += 1
                 _say(
@@ -135,10 +152,69 @@ class _Upload:
                     "the records around them were read."
                 )
 
+    def _settle(
+        self,
+        queue: spool.Spool,
+        payload: bytes,
+        outcome: delivery.Outcome,
+        result: transport.Delivery,
+        again: int | None,
+        quiet: bool,
+    ) -> bool:
+        """Act on one batch's final outcome (the table in :mod:`layerwatch.delivery`); True: it may be acknowledged.
+        ``quiet``: this spool already stopped, and said why."""
+        where = str(queue.directory)
+        if outcome is delivery.Outcome.RETRY:
+            self.failed += 1
+            if not quiet:
+                _say(f"[red]{escape(where)}: {escape(result.error)}[/] - stopped here; sync again later.")
+            return False
+        if outcome is delivery.Outcome.KEEP:
+            self.failed += 1
+            if not self.stopped:
+                _say(f"[red]{escape(result.error)}[/]: check --url and --token; nothing more is sent.")
+            self.stopped = True
+            return False
+        if outcome is delivery.Outcome.POISON:
+            _say(f"[yellow]{escape(where)}: the collector refused a batch ({escape(result.error)})[/]")
+            if again is None:
+                queue.set_aside(payload, result.error)
+            elif not _keep_rejected(queue, payload, result.error):
+                return False  # it stays where it was
+        else:
+            self.sent += 1
+        self.status.update(f"Uploading batches to {self.url} ... {self.sent} sent")
+        return True
+
+    def _deliver(self, payload: bytes) -> tuple[delivery.Outcome, transport.Delivery]:
+        return delivery.deliver(self.sender, payload, self._wait, attempts=self.retries + 1, max_backoff=30.0)
+
     def _wait(self, seconds: float, result: transport.Delivery) -> bool:
         self.status.update(f"Uploading to {self.url} ... {self.sent} sent ({result.error}; retry in {seconds:.0f} s)")
         time.sleep(seconds)
         return True
+
+
+class _InOrder:
+    """A spool's acknowledgements in spool order, however the deliveries finish: the offset on disk only passes
+    records that are all done, so a sync stopped at any moment resends what was in flight and skips nothing."""
+
+    def __init__(self, queue: spool.Spool) -> None:
+        self.queue = queue
+        self.places: list[tuple[Path, int]] = []  # (segment, offset after the record), by turn
+        self.finished: set[int] = set()
+        self.next = 0  # the first turn not yet acknowledged
+
+    def add(self, segment: Path, offset: int) -> int:
+        self.places.append((segment, offset))
+        return len(self.places) - 1
+
+    def done(self, turn: int) -> None:
+        self.finished.add(turn)
+        while self.next in self.finished:
+            self.finished.discard(self.next)
+            self.queue.ack(*self.places[self.next])
+            self.next += 1
 
 
 def _keep_rejected(queue: spool.Spool, payload: bytes, reason: str) -> bool:

@@ -131,16 +131,19 @@ class Exporter:
             try:
                 with self._cond:
                     self._make_room()
-                packed = self.builder.build(item)
+                batches = self.builder.build(item)
             except Exception:
                 self.counters.add("dropped_reports")
                 log.exception("layerwatch: could not build a batch; the report is dropped and counted")
                 continue
-            try:
-                self._enqueue(packed)
-            except Exception:  # a bug here must not end the exporter for the rest of the run
-                self.counters.add("dropped_batches")
-                log.exception("layerwatch: could not queue a batch; it is dropped and counted")
+            for packed in batches:  # one, or several when the report has more rows than a batch may carry
+                try:
+                    with self._cond:
+                        self._make_room()
+                    self._enqueue(packed)
+                except Exception:  # a bug here must not end the exporter for the rest of the run
+                    self.counters.add("dropped_batches")
+                    log.exception("layerwatch: could not queue a batch; it is dropped and counted")
 
     def _make_room(self) -> None:
         """At the bound, move memory to disk, or drop the oldest (before building, so memory stays bounded)."""

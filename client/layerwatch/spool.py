@@ -240,6 +240,25 @@ class Spool:
                     log.warning("layerwatch: cannot read the spool segment %s: %s", segment, exc)
             return None
 
+    def pending(self) -> Iterator[tuple[Path, int, bytes | None]]:
+        """Every undelivered record, oldest first, as (segment, offset after it, payload), for a reader that keeps
+        several in flight and acknowledges them in order itself. An unreadable span is set aside as it is met and
+        comes as a record without payload (None): acknowledge it in its turn. Delivered segments are removed by
+        the next :meth:`head`."""
+        for segment in segments(self.directory):
+            try:
+                for item in scan(segment, self._acked(segment)):
+                    if not isinstance(item, Corrupt):
+                        yield segment, item[0], item[1]
+                        continue
+                    if item.tail and segment == self._writer:
+                        break  # our own tail: never skip what we may still be writing
+                    with self._lock:
+                        self._set_corrupt_aside(item)
+                    yield segment, item.end, None
+            except OSError as exc:
+                log.warning("layerwatch: cannot read the spool segment %s: %s", segment, exc)
+
     def ack(self, segment: Path, offset: int) -> None:
         with self._lock:
             self._ack_locked(segment, offset)

@@ -73,6 +73,7 @@ CONTENT_ENCODING = "gzip"
 
 # Transport limits the collector enforces (and the client respects when it builds batches).
 MAX_BODY_BYTES = 8 * 1024 * 1024
+MAX_ROWS = 50_000  # layer and parameter rows in one batch (the collector's core.batch.MAX_ROWS)
 MAX_DECODED_BYTES = 64 * 1024 * 1024
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import msgpack
 
 from layerwatch import wire
+from layerwatch.histograms import wire_section
 from layerwatch.report import Report, first_nonfinite, translate, uncounted_nonfinite
 
 
@@ -52,12 +53,14 @@ class BatchBuilder:
             origin = first_nonfinite(steps, names, self.param_names, self.header["rank"])
             self._origin_sent = origin is not None
         parts = split_rows(steps, wire.MAX_ROWS)
+        section = wire_section(report.histograms) if report.histograms else None
         return [
             self._batch(
                 report,
                 part,
                 origin if i == 0 else None,
                 {"status": report.end} if report.end and i == len(parts) - 1 else None,
+                section if i == 0 else None,
             )
             for i, part in enumerate(parts)
         ]
@@ -68,6 +71,7 @@ class BatchBuilder:
         steps: list[dict[str, Any]],
         origin: dict[str, Any] | None,
         end: dict[str, str] | None,
+        histograms: dict[str, Any] | None = None,
     ) -> Packed:
         batch = {"v": wire.VERSION, **self.header, "seq": self._seq}
         if self._seq > 0:
@@ -82,6 +86,8 @@ class BatchBuilder:
             nonfinite_origin=origin,
             end=end,
         )
+        if histograms is not None:
+            batch["histograms"] = histograms  # optional: old collectors ignore it (see layerwatch.wire)
         return Packed.of(batch)
 
 

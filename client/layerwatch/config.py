@@ -60,6 +60,8 @@ class Config:
     every: int = 10  # LAYERWATCH_EVERY: steps per report (one device-to-host copy each)
     window: int | None = None  # LAYERWATCH_WINDOW: steps per dead-unit window (default: every)
     param_every: int | None = None  # LAYERWATCH_PARAM_EVERY: steps between full parameter stats (default: every)
+    # LAYERWATCH_HISTOGRAM_EVERY: steps between per-layer histograms (default: every, one per report); 0: off
+    histogram_every: int | None = None
     eps: float = 0.0  # LAYERWATCH_EPS: |a| <= eps counts as zero / inactive
     sat_margin: float = 0.01  # LAYERWATCH_SAT_MARGIN: share of the half-range that counts as saturated
     include: list[str] = field(default_factory=list)  # LAYERWATCH_INCLUDE: comma-separated globs
@@ -81,6 +83,11 @@ class Config:
     def param_every_steps(self) -> int:
         return self.param_every or self.every
 
+    @property
+    def histogram_every_steps(self) -> int:
+        """0 when histograms are off."""
+        return self.every if self.histogram_every is None else self.histogram_every
+
     @classmethod
     def resolve(cls, **given: Any) -> Config:
         """Arguments that are not None win; the rest come from the environment, then the defaults."""
@@ -95,6 +102,7 @@ class Config:
             "every": _env_parse("LAYERWATCH_EVERY", int, d.every, lambda v: v >= 1),
             "window": _env_parse("LAYERWATCH_WINDOW", int, None, lambda v: v >= 1),
             "param_every": _env_parse("LAYERWATCH_PARAM_EVERY", int, None, lambda v: v >= 1),
+            "histogram_every": _env_parse("LAYERWATCH_HISTOGRAM_EVERY", int, None, lambda v: v >= 0),
             "eps": _env_parse("LAYERWATCH_EPS", float, d.eps, lambda v: v >= 0),
             "sat_margin": _env_parse("LAYERWATCH_SAT_MARGIN", float, d.sat_margin, lambda v: 0 <= v < 1),
             "include": _env_list("LAYERWATCH_INCLUDE"),
@@ -133,6 +141,8 @@ class Config:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.histogram_every is not None and self.histogram_every < 0:
+            raise ValueError(f"histogram_every must be >= 0 (0: off), got {self.histogram_every}")
         if self.eps < 0:
             raise ValueError(f"eps must be >= 0, got {self.eps}")
         if not (self.loss_jump == 0 or self.loss_jump > 1):

@@ -24,6 +24,7 @@ from layerwatch.batching import BatchBuilder
 from layerwatch.config import Config
 from layerwatch.distributed import ParamStats, UnitReducer, rank_and_world, run_key
 from layerwatch.exporter import Exporter
+from layerwatch.histograms import Histograms, Snapshot, owned_gradients, sum_across_ranks
 from layerwatch.layers import let_compiled_code_see_hooks, select, unwrap
 from layerwatch.recorder import Recorder
 from layerwatch.report import Report, StepMeta
@@ -80,6 +81,11 @@ class Monitor:
         self._params = [(n, p) for n, p in inner.named_parameters() if p.requires_grad] if config.watch_params else []
         self._param_numel = [p.numel() for _, p in self._params]
         self._param_stats = ParamStats([p for _, p in self._params])
+        self._histograms = Histograms.for_params([n for n, _ in self._params]) if config.histogram_every_steps else None
+        self._snapshots: list[Snapshot] = []
+        self.recorder.histograms = self._histograms
+        if self._histograms is not None and config.histogram_every_steps == 1:
+            self._histograms.start()
         self._reducer = UnitReducer()
         self.spool_dir = config.spool_dir / _safe(config.project) / _safe(self.run_key) / f"rank-{self.rank}"
         summary = {
@@ -173,6 +179,8 @@ class Monitor:
         self.recorder.end_step()
         self._tripwire.arm(number, self.recorder.step_sums(meta.calls), norms, values.get("loss"))
         self._recorded += 1
+        if self._histograms is not None:
+            self._take_histograms(number)
         self._steps.append(meta)
         self._step_tensors.extend(tensors)
         self._window_pos += 1
@@ -211,9 +219,22 @@ class Monitor:
                 flat=flat,
                 ready=ready,
                 end=end,
+                histograms=self._snapshots if self.rank == 0 else [],  # every rank holds the global counts
             )
         )
-        self._steps, self._step_tensors, self._dead = [], [], []
+        self._steps, self._step_tensors, self._dead, self._snapshots = [], [], [], []
+
+    def _take_histograms(self, number: int) -> None:
+        """After a histogram step: its counts (activations, then this rank's gradients), summed over the ranks;
+        and whether the coming step is one. Steps are counted alike on every rank, so the sums pair up."""
+        histograms = self._histograms
+        assert histograms is not None
+        if histograms.due:
+            names = [layer.name for layer in self.recorder.layers]
+            grads = owned_gradients(list(enumerate(p for _, p in self._params)))
+            self._snapshots.append(histograms.take(number, names, grads, sum_across_ranks))
+        if (self._recorded + 1) % self.config.histogram_every_steps == 0:
+            histograms.start()
 
     # -- alerts -------------------------------------------------------------------------------------------
     @property

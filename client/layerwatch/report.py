@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from layerwatch import stats, wire
+from layerwatch.histograms import Snapshot
 from layerwatch.recorder import StepCalls
 
 
@@ -42,6 +43,7 @@ class Report:
     flat: torch.Tensor | None  # host copy (pinned where CUDA is present)
     ready: Any = None  # a CUDA event recorded after the copy, or None when the copy was synchronous
     end: str | None = None  # final status when this is the run's last report
+    histograms: list[Snapshot] = field(default_factory=list)  # histogram steps of the interval (rank 0 only)
 
 
 def translate(report: Report, values: list[float], weight_norms: dict[int, float]) -> list[dict[str, Any]]:

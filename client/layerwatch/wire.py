@@ -23,7 +23,18 @@ Version 1 layout::
                            "layer": str | None, "rank": int} | None,
       "end": {"status": "finished" | "failed" | "killed"} | None,
       "dropped": {"reports": int, "batches": int, "rejected": int},  # cumulative; "rejected": batches the
-    }                                                               # collector refused (it may ignore the key)
+                                                                    # collector refused (it may ignore the key)
+      "histograms": {"edges": [float, ...],                          # optional; see layerwatch.histograms
+                     "layers": [{"layer": str, "kind": "activation" | "gradient", "step": int,
+                                 "counts": [int, ...], "nan": int}, ...]},
+    }
+
+Version rule: ``v`` changes only when a reader of the old version would misread a batch. A new *optional*
+key (``histograms`` was one) keeps ``v``: collectors ignore keys they do not know (``extra="ignore"``), and
+they accept batches without it, so old clients and old collectors keep working with new ones. ``histograms``:
+per layer, the counts of its activations (``layer``: a watched layer's name) or of the gradients of the
+parameters its module owns (``layer``: the module's name) in the ``len(edges) + 1`` bins between ``edges``,
+measured at ``step`` (summed over ranks; only rank 0 sends it); NaNs are counted apart in ``nan``.
 
 A value is a float (NaN and Inf included: they are the signal) or None where a statistic does not apply
 (``sat_frac`` of an unbounded layer) or is not due at that step (``dead_frac`` outside a window's end).

@@ -121,6 +121,42 @@ class Dropped(_Wire):
     batches: NonNegInt = 0
 
 
+MAX_EDGES = 1024
+MAX_HISTOGRAMS = 2 * MAX_SERIES  # entries in one batch: an activation and a gradient histogram per layer
+
+
+class HistogramIn(_Wire):
+    layer: Name
+    kind: Literal["activation", "gradient"]
+    step: NonNegInt
+    counts: Annotated[list[NonNegInt], Field(min_length=1, max_length=MAX_EDGES + 1)]
+    nan: NonNegInt = 0
+
+
+class HistogramsIn(_Wire):
+    """Optional (see ``layerwatch.wire``): per-layer counts in the ``len(edges) + 1`` bins between ``edges``."""
+
+    edges: Annotated[list[Annotated[float, Field(allow_inf_nan=False)]], Field(min_length=1, max_length=MAX_EDGES)]
+    layers: Annotated[list[HistogramIn], Field(max_length=MAX_HISTOGRAMS)] = []
+
+    @model_validator(mode="after")
+    def _consistent(self) -> HistogramsIn:
+        if any(a >= b for a, b in zip(self.edges, self.edges[1:], strict=False)):
+            raise ValueError("edges: must be strictly ascending")
+        seen: set[tuple[str, str, int]] = set()
+        for i, entry in enumerate(self.layers):
+            if len(entry.counts) != len(self.edges) + 1:
+                raise ValueError(
+                    f"layers[{i}].counts: {len(entry.counts)} counts for {len(self.edges)} edges; expected "
+                    f"{len(self.edges) + 1}"
+                )
+            key = (entry.layer, entry.kind, entry.step)
+            if key in seen:
+                raise ValueError(f"layers[{i}]: {entry.kind} histogram of {entry.layer!r} at step {entry.step} twice")
+            seen.add(key)
+        return self
+
+
 class Batch(_Wire):
     """One rank's batch, wire version 1 (see ``layerwatch.wire``)."""
 
@@ -138,6 +174,7 @@ class Batch(_Wire):
     nonfinite_origin: NonfiniteOrigin | None = None
     end: End | None = None
     dropped: Dropped = Dropped()
+    histograms: HistogramsIn | None = None  # optional; a v1 collector before it ignored the key
 
     @model_validator(mode="after")
     def _consistent(self) -> Batch:

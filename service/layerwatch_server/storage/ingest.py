@@ -28,6 +28,7 @@ from sqlalchemy import BigInteger, Connection, Engine, String, Table, bindparam,
 
 from layerwatch import wire
 from layerwatch_server.core.batch import MAX_SERIES, Batch, LayerIn, ParamIn
+from layerwatch_server.storage import histograms
 from layerwatch_server.storage.base import LRU, UTCDateTime, dialect_insert, json_serializer, sqlite_float, utcnow
 from layerwatch_server.storage.engine import writer
 from layerwatch_server.storage.models import (
@@ -119,6 +120,7 @@ class Ingestor:
             param_ids = self._series_ids(conn, run_id, "param", batch.params, learned)
             n_layer = self._bulk(conn, layer_stats, "layer_id", run_id, batch, new_steps, layer_ids, "layers")
             n_param = self._bulk(conn, param_stats, "param_id", run_id, batch, new_steps, param_ids, "params")
+            histograms.write(conn, run_id, batch.histograms, self.pg)
             res = IngestResult(run_id, len(new_steps), len(batch.steps) - len(new_steps), n_layer, n_param)
             self._first_wins(conn, run_id, batch)
             for name, hook in self.in_transaction.items():

@@ -183,6 +183,28 @@ def _stats_table(name: str, id_column: str, stats: tuple[str, ...]) -> Table:
 layer_stats = _stats_table("layer_stats", "layer_id", wire.LAYER_STATS)
 param_stats = _stats_table("param_stats", "param_id", wire.PARAM_STATS)
 
+# Per-layer histograms (layerwatch.histograms): one row per (run, layer, kind, step), counts as a JSON array of
+# integers, exact. Bin edges are shared by content (a hash of them names the row of histogram_edges), not
+# repeated per row.
+histogram_edges = Table(
+    "histogram_edges",
+    Base.metadata,
+    Column("id", String(16), primary_key=True),
+    Column("edges", JSON(none_as_null=True), nullable=False),
+)
+histograms = Table(
+    "histograms",
+    Base.metadata,
+    Column("run_id", String(16), primary_key=True),
+    Column("layer", String(500), primary_key=True),
+    Column("kind", String(16), primary_key=True),
+    Column("step", BigInteger, primary_key=True),
+    Column("edges_id", String(16), nullable=False),
+    Column("counts", JSON(none_as_null=True), nullable=False),
+    Column("nan", BigInteger, nullable=False),
+    sqlite_with_rowid=False,
+)
+
 
 class MlflowMirror(Base):
     """Per-run MLflow mirror cursor: rank-0 steps up to ``last_step`` are in MLflow (restart-safe)."""

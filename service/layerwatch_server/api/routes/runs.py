@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from layerwatch_server.api.deps import GrantDep, StateDep, authorize, covered_projects, readable_projects
 from layerwatch_server.api.schemas import Problem, ProjectOut, RunDetail, RunOut, Series
 from layerwatch_server.rules.evaluate import dead_judged
-from layerwatch_server.storage import queries
+from layerwatch_server.storage import histograms, queries
 from layerwatch_server.storage.base import finite_json
 from layerwatch_server.storage.models import RUN_STATUSES
 from layerwatch_server.storage.tokens import Grant
@@ -88,6 +88,32 @@ def get_series(
         state.engine, run_id, layer=layer, stat=stat, rank=rank, start=start, end=end, max_points=max_points
     )
     return JSONResponse({"run_id": run_id, "layer": layer, "stat": stat, "rank": rank, "points": finite_json(points)})
+
+
+@router.get(
+    "/runs/{run_id}/histograms",
+    responses={404: {"model": Problem}, 422: {"model": Problem}},
+    description="A layer's histograms over steps: its activations (`kind=activation`) or the gradients of the "
+    "parameters its module owns (`kind=gradient`), measured at the last step of each report. `counts[i]` holds "
+    "the counts at `steps[i]` in the `len(edges) + 1` bins between `edges` (a bin is closed on the side nearer "
+    "zero; see layerwatch.histograms), summed over ranks; `nan[i]` the NaNs, counted apart. With `max_points`, "
+    "consecutive histograms are summed in at most that many buckets, each named by its last step, `merged[i]` "
+    "of them in bucket i (a sum, like the series' min/max, hides nothing that happened in a bucket).",
+)
+def get_histograms(
+    state: StateDep,
+    grant: GrantDep,
+    run_id: RunRef,
+    layer: Annotated[str, Query(min_length=1, max_length=500)],
+    kind: Annotated[str, Query(pattern="^(activation|gradient)$")] = "activation",
+    start: Annotated[int | None, Query(ge=0, le=2**62)] = None,
+    end: Annotated[int | None, Query(ge=0, le=2**62)] = None,
+    max_points: Annotated[int | None, Query(ge=1, le=100_000)] = None,
+) -> Any:
+    run_id = queries.resolve_run_id(state.engine, run_id, covered_projects(grant))
+    authorize(grant, queries.run_project(state.engine, run_id), "read")
+    found = histograms.read(state.engine, run_id, layer=layer, kind=kind, start=start, end=end, max_points=max_points)
+    return JSONResponse({"run_id": run_id, "layer": layer, "kind": kind, **found})
 
 
 @router.get(

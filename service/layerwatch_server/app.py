@@ -21,6 +21,7 @@ from layerwatch_server.jobs.hooks import run_hooks
 from layerwatch_server.jobs.retention import retention_job
 from layerwatch_server.jobs.scheduler import Scheduler
 from layerwatch_server.mirrors import mlflow_mirror
+from layerwatch_server.mirrors import process as mirror_process
 from layerwatch_server.observability.telemetry import MetricsMiddleware, Telemetry
 from layerwatch_server.rules import install as install_alerting
 from layerwatch_server.storage.engine import Checkpointer, make_engine
@@ -69,7 +70,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 settings.host,
                 settings.port,
             )
-        scheduler = checkpointer = None
+        scheduler = checkpointer = mirror = None
         if state.engine.dialect.name == "sqlite" and engine is None:
             checkpointer = Checkpointer(state.engine)
             checkpointer.start()
@@ -83,15 +84,20 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 retention_job(settings.retention_days, settings.rollup_bucket_steps),
             )
             scheduler.add("rules", settings.job_interval_s, run_hooks(state.extras["rule_hooks"]))
-            if state.extras["mlflow_mirror"] is not None:
-                scheduler.add("mlflow", settings.mlflow_interval_s, state.extras["mlflow_mirror"].tick)
             scheduler.start()
             state.extras["scheduler"] = scheduler
+            job = mirror_process.job_from_settings(settings)
+            if job is not None:  # its own process: the mirror's ticks never take ingest's CPU
+                mirror = mirror_process.MirrorProcess(job)
+                mirror.start()
+                state.extras["mlflow_mirror"] = mirror  # its counters feed /metrics
         try:
             yield
         finally:  # uvicorn has drained in-flight requests (and their transactions) by now
             if scheduler is not None:
                 scheduler.shutdown()
+            if mirror is not None:
+                mirror.stop()
             for stop in state.extras.get("shutdown", ()):
                 stop()
             if checkpointer is not None:

@@ -178,6 +178,23 @@ def backfill_mlflow(run_id: str, **flags: Any) -> None:
     click.echo(f"run {run_id} mirrored to {settings.mlflow_uri} up to step {last}", err=True)
 
 
+@main.command()
+@click.option("--mlflow-tracking-uri", default=None, help="Target MLflow [env LAYERWATCH_MLFLOW_TRACKING_URI].")
+@_db
+@_config
+def mirror(**flags: Any) -> None:
+    """Run the MLflow mirror alone, in the foreground (a Deployment of its own; `serve` runs it as a child)."""
+    from layerwatch_server.mirrors.process import job_from_settings, serve
+
+    settings = _settings(**flags)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _existing_database(settings)
+    job = job_from_settings(settings)
+    if job is None:
+        raise click.ClickException("MLflow mirroring is off; pass --mlflow-tracking-uri")
+    serve(job)
+
+
 @main.group()
 def token() -> None:
     """Manage API tokens."""

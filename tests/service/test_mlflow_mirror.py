@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -14,6 +18,7 @@ from layerwatch_server.app import create_app
 from layerwatch_server.core.config import Settings
 from layerwatch_server.mirrors import source
 from layerwatch_server.mirrors.mlflow_mirror import MirrorConfig, MlflowMirror
+from layerwatch_server.mirrors.process import MirrorProcess, job_from_settings
 from layerwatch_server.storage import migrations
 from layerwatch_server.storage.engine import make_engine
 from tests.waiting import wait_until
@@ -139,7 +144,7 @@ def test_real_collector_mirrors_in_the_background(tmp_path, mlflow_url):
     migrations.upgrade(db)
     env = {"LAYERWATCH_MLFLOW_TRACKING_URI": mlflow_url, "LAYERWATCH_MLFLOW_INTERVAL_S": "1"}
     server = running_server(db, log_path=tmp_path / "server.log", env=env, args=("--no-auth",))
-    with server as (base, _), httpx.Client(base_url=base) as http:
+    with server as (base, server), httpx.Client(base_url=base) as http:
         run_id = post(http, make_batch(unique("run"), steps=range(20), end="failed")).json()["run_id"]
 
         def mirrored_as_failed() -> str | None:
@@ -147,7 +152,86 @@ def test_real_collector_mirrors_in_the_background(tmp_path, mlflow_url):
             return ml_id if ml_id and _mlflow(mlflow_url).get_run(ml_id).info.status == "FAILED" else None
 
         ml_id = wait_until(mirrored_as_failed, 30, "the run to be mirrored as FAILED")
+        mirror_pid = _mirror_pid(make_engine(db))
+        assert mirror_pid != server.pid and _running(mirror_pid)  # a process of its own, beside the collector's
     assert len(_mlflow(mlflow_url).get_metric_history(ml_id, "layerwatch/dead_frac_max")) == 20
+    assert not _running(mirror_pid)  # stopped with the collector
+
+
+def _mirror_pid(engine) -> int:
+    """The process that ran the latest mirror tick (lease rows name it ``host:pid:mirror``)."""
+    from sqlalchemy import select
+
+    from layerwatch_server.storage.models import JobTick
+
+    with engine.connect() as conn:
+        replica = conn.scalar(select(JobTick.replica).where(JobTick.job == "mlflow").order_by(JobTick.tick.desc()))
+    engine.dispose()
+    return int(replica.split(":")[-2])
+
+
+def _running(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, exited but not reaped by an init-less container, counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_mirror_process_is_restarted_and_carries_on_from_the_cursor(tmp_path, mlflow_url):
+    db = f"sqlite:///{tmp_path}/lw.db"
+    migrations.upgrade(db)
+    engine = make_engine(db)
+    settings = Settings(
+        db_url=db, scheduler=False, no_auth=True, mlflow_tracking_uri=mlflow_url, mlflow_interval_s=0.5
+    )
+    key = unique("run")
+    with TestClient(create_app(settings, engine)) as client:
+        run_id = post(client, make_batch(key, steps=range(5))).json()["run_id"]
+
+        def cursor() -> int | None:
+            return source.pending_runs(engine, 1, run_id)[0].cursor
+
+        mirror = MirrorProcess(job_from_settings(settings))
+        mirror.start()
+        try:
+            # the counters are published when the tick that moved the cursor returns
+            wait_until(lambda: cursor() == 4 and mirror.metrics_total > 0, 60, lambda: f"the cursor at 4: {cursor()}")
+            first = mirror.pid
+            assert first is not None and first != os.getpid()
+            os.kill(first, signal.SIGKILL)
+            wait_until(lambda: mirror.restarts == 1 and mirror.pid != first, 30, "the mirror process restarted")
+            post(client, make_batch(key, steps=range(5, 9)))
+            wait_until(lambda: cursor() == 8, 60, lambda: f"the cursor at step 8, not {cursor()}")
+            second = mirror.pid
+        finally:
+            mirror.stop()
+        assert not _running(first) and not _running(second)
+        ml_id = client.get(f"/api/v1/runs/{run_id}").json()["mlflow_run_id"]
+    engine.dispose()
+    assert [m.step for m in _mlflow(mlflow_url).get_metric_history(ml_id, "loss")] == list(range(9))
+
+
+def test_mirror_process_ends_when_the_collector_is_killed(tmp_path, mlflow_url):
+    db = f"sqlite:///{tmp_path}/lw.db"
+    migrations.upgrade(db)
+    code = (
+        "import time\n"
+        "from layerwatch_server.mirrors.mlflow_mirror import MirrorConfig\n"
+        "from layerwatch_server.mirrors.process import MirrorJob, MirrorProcess\n"
+        f"p = MirrorProcess(MirrorJob(MirrorConfig({mlflow_url!r}), {db!r}, 0.5))\n"
+        "p.start()\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        assert _running(child)
+    finally:
+        parent.kill()  # no chance to stop its child
+        parent.wait()
+    wait_until(lambda: not _running(child), 30, "the orphaned mirror process to exit")
 
 
 def test_backfill_command(collector, mlflow_url):

@@ -18,7 +18,6 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from layerwatch import stats, wire
-from layerwatch.histograms import Histograms
 from layerwatch.layers import LayerSpec
 
 log = logging.getLogger("layerwatch")
@@ -93,14 +92,12 @@ class Recorder:
         # Calls skipped under no_grad since the last training forward began, per module (see _recompute).
         self._skipped: dict[nn.Module, int] = {}
         self.steps_unheard: int | None = 0  # steps with no layer recorded yet; None once warned
-        # Calls traced by torch.compile since the last fold: (module, spec, shape, unit dim, feeds from the
-        # output before it, record, unit max, unit min), and what the next traced call needs of the last one.
+        # Calls traced by torch.compile since the last fold: (module, spec, shape, unit dim, record, unit max,
+        # unit min), and the unit dim and shape of the last one (for the next one's unit dim).
         self._traced: list[tuple] = []
         self.compiled = False  # a compiled graph has traced the hooks
         self._said_eager = False  # the warning that some hook runs eagerly in a compiled model was given
-        self._traced_last: torch.Tensor | None = None
         self._traced_shape: tuple[int, tuple[int, ...]] | None = None  # (unit dim, shape)
-        self.histograms: Histograms | None = None  # per-layer distributions at histogram steps (Monitor sets it)
 
     # -- hooks ---------------------------------------------------------------------------------------
     def attach(self, model: nn.Module, watched: list[tuple[nn.Module, LayerSpec]]) -> None:
@@ -151,7 +148,7 @@ class Recorder:
             if tensor is None or not tensor.is_floating_point() or tensor.numel() == 0:
                 return
             if torch.compiler.is_compiling():
-                self._trace(module, spec, tensor, inputs)
+                self._trace(module, spec, tensor)
                 return
             if _in_backward() and not self._recompute(module):
                 return
@@ -176,12 +173,16 @@ class Recorder:
 
         return hook
 
-    def _trace(self, module: nn.Module, spec: LayerSpec, output: torch.Tensor, inputs: tuple) -> None:
+    def _trace(self, module: nn.Module, spec: LayerSpec, output: torch.Tensor) -> None:
         """The hook as torch.compile traces it: fresh tensors only, kept for :meth:`fold` after the step.
 
         Writing into the recorder's buffers from a compiled graph is what aot_autograd refuses (mutated views
         of graph inputs), so the reductions stay in the graph, where inductor fuses them into the model's own
-        kernels, and the bookkeeping runs eagerly on their results: a few tiny copies per layer and step."""
+        kernels, and the bookkeeping runs eagerly on their results: a few tiny copies per layer and step.
+
+        No tensor is kept across hooks (it would become an extra graph output aliasing the model's own, which
+        aot_autograd mishandled on GPT-2), so a traced Linear does not learn that it feeds an activation: it
+        keeps its zero_frac and dead_frac, figures the eager path leaves to the activation."""
         a = output.detach()
         dim = unit_dim(spec, tuple(a.shape), self._traced_shape)
         record, unit_max, unit_min = stats.activation_record(
@@ -193,9 +194,7 @@ class Recorder:
             positive_only=_positive_only(spec),
             count_finite=self.count_nonfinite,
         )
-        feeds = spec.activation and bool(inputs) and self._traced_last is not None and inputs[0] is self._traced_last
-        self._traced.append((module, spec, tuple(a.shape), dim, feeds, record, unit_max, unit_min))
-        self._traced_last = output
+        self._traced.append((module, spec, tuple(a.shape), dim, record, unit_max, unit_min))
         self._traced_shape = (dim, tuple(a.shape))
 
     def fold(self) -> None:
@@ -203,26 +202,18 @@ class Recorder:
         self.compiled = True
         traced = list(self._traced)
         self._traced.clear()  # the same list: a new one would fail the compiled graph's guards
-        last_output = self._traced_last
-        self._traced_last = self._traced_shape = None
-        previous: Layer | None = None
-        for module, spec, shape, dim, feeds, record, unit_max, unit_min in traced:
-            if feeds and previous is not None and not previous.spec.activation and not previous.feeds_activation:
-                previous.feeds_activation = True  # and its first record loses its zero count, as in _note_input
-                previous.records[self.slot][stats.RAW_NONZERO] = math.nan
+        self._traced_shape = None
+        for module, spec, shape, dim, record, unit_max, unit_min in traced:
             numel = math.prod(shape)
             units = shape[dim] if shape else 1
             layer = self._by_module.get(id(module), {}).get(units) or self._new_layer(
                 module, spec, shape, dim, record.device
             )
-            if layer.feeds_activation:  # as the eager hook measures it: no zero count, no per-unit extremes
+            if layer.feeds_activation:  # known from eager calls: measured as there, no zero count or unit extremes
                 record = record.clone()
                 record[stats.RAW_NONZERO] = math.nan
                 unit_max = unit_min = None
             self._account(layer, record, unit_max, unit_min, numel, merge=layer.index in self.current.elements)
-            previous = layer
-        if previous is not None and last_output is not None:  # an eager hook next (after a graph break) may take it
-            self._last = (weakref.ref(last_output), previous)
 
     def _note_input(self, source: object) -> Layer | None:
         """The layer whose output, recorded just before, is this activation's input, or None.
@@ -246,8 +237,6 @@ class Recorder:
         layer = self._by_module.get(id(module), {}).get(units) or self._new_layer(
             module, spec, tuple(a.shape), unit_dim, a.device
         )
-        if self.histograms is not None and self.histograms.due:
-            self.histograms.add_activation(layer.index, a)
         elements = self.current.elements
         merge = layer.index in elements
         elsewhere = a.device != layer.records[self.slot].device

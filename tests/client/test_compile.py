@@ -50,6 +50,10 @@ def _run(case_name: str, model: nn.Module, order: str, tmp_path) -> tuple[dict, 
     return reported, layers, capture
 
 
+# A compiled Linear does not learn that it feeds an activation (see Recorder._trace): it keeps these two.
+EXTRA_WHEN_COMPILED = ("zero_frac", "dead_frac")
+
+
 def _same(eager: dict, compiled: dict) -> list[str]:
     problems = []
     for key in eager.keys() | compiled.keys():
@@ -58,6 +62,8 @@ def _same(eager: dict, compiled: dict) -> list[str]:
             continue
         for stat, value in eager[key].items():
             other = compiled[key][stat]
+            if value is None and other is not None and stat in EXTRA_WHEN_COMPILED:
+                continue  # checked against the brute force instead
             differs = value is not None and other != pytest.approx(value, rel=2e-3, abs=1e-5)
             if (value is None) != (other is None) or differs:
                 problems.append(f"{key} {stat}: eager {value!r}, compiled {other!r}")
@@ -68,12 +74,14 @@ def _check(case_name: str, tmp_path) -> None:
     torch.manual_seed(0)
     original = _no_dropout(CASES[case_name].build())
     eager, eager_layers, capture = _run(case_name, copy.deepcopy(original), "eager", tmp_path / "eager")
-    assert compare(expected_rows(capture), eager) == []
+    expected = expected_rows(capture)  # the same weights and batches in every run
+    assert compare(expected, eager) == []
     for order in ("watch, compile", "compile, run, watch"):
         torch._dynamo.reset()
         reported, layers, _ = _run(case_name, copy.deepcopy(original), order, tmp_path / order.replace(", ", "-"))
         assert list(layers) == list(eager_layers), order  # same names, same order: no _orig_mod. prefix
         assert _same(eager, reported) == [], order
+        assert compare(expected, reported) == [], order
 
 
 def test_conv_bn_relu_net_compiles_with_hooks_in_both_orders(tmp_path):

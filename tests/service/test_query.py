@@ -80,3 +80,27 @@ def test_health(client):
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
     spec = client.get("/openapi.json").json()
     assert "/api/v1/ingest" in spec["paths"] and "Batch" in spec["components"]["schemas"]
+
+
+def test_series_downsampled_by_the_database_keeps_what_downsample_keeps(client, token):
+    """On PostgreSQL the buckets are chosen in SQL; the kept points are exactly those of ``downsample``."""
+    project = unique()
+    tok, auth = token(project), {"Authorization": f"Bearer {token(project, 'read')}"}
+    odd = {(s, 0, "act_std"): v for s, v in ((37, math.nan), (38, math.inf), (90, -math.inf), (211, math.nan))}
+    odd |= {(s, 0, "act_std"): None for s in range(150, 160)}  # not measured: not a point
+    odd |= {(s, 0, "act_std"): 7.0 for s in range(300, 330)}  # ties: the first minimum and maximum are kept
+    for start in range(0, 500, 100):
+        batch = make_batch("k", steps=range(start, start + 100), n_layers=1, project=project, overrides=odd)
+        run_id = post(client, batch, tok).json()["run_id"]
+    url, params = f"/api/v1/runs/{run_id}/series", {"layer": "blocks.0.fc", "stat": "act_std"}
+    full = client.get(url, params=params, headers=auth).json()["points"]
+    assert len(full) == 490
+
+    def number(p: dict) -> dict:
+        return {"step": p["step"], "value": float(p["value"])}  # "NaN", "Infinity" as the API writes them
+
+    for max_points in (2, 20, 61, 489, 490, 1000):
+        got = client.get(url, params={**params, "max_points": max_points}, headers=auth).json()["points"]
+        want = downsample([number(p) for p in full], max_points)
+        assert [p["step"] for p in got] == [p["step"] for p in want], max_points
+        assert [str(number(p)["value"]) for p in got] == [str(p["value"]) for p in want]

@@ -180,7 +180,7 @@ def test_loss_spike_baseline_is_not_dragged_by_a_few_outliers():
     h.feed(*(step(30 + i, 50.0) for i in range(3)))  # three huge outliers enter the window
     assert len(h.breaches("loss_spike")) == 3
     h.feed(*(step(33 + i, _noisy(33 + i)) for i in range(5)))
-    assert len(h.breaches("loss_spike")) == 3  # the noise after them is still normal: median and MAD did not move
+    assert len(h.breaches("loss_spike")) == 3  # the noise after them is still normal: median and quartiles did not move
     h.feed(step(38, 9.0))  # a smaller outlier while such big ones are in the window is of a kind seen lately
     assert len(h.breaches("loss_spike")) == 3
     h.feed(*(step(39 + i, _noisy(39 + i)) for i in range(100)), step(139, 9.0))  # once they have left it, it is not

@@ -219,14 +219,15 @@ def _quantile(ordered: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (at - lo)
 
 
-def _robust(values: list[float]) -> tuple[float, float]:
-    """(median, spread) of ``values``. The spread is the larger of 1.4826 x MAD and the distance from the median to
-    the 90th percentile over 1.2816 (both are one standard deviation for a normal): a loss whose batches are often
-    near zero (tiny batches) has a small MAD but a long upper tail, and that tail is its normal noise."""
+def _robust(values: list[float]) -> tuple[float, float, float]:
+    """(median, spread, highest) of ``values``, from one sort (this runs at every step of every run). The spread
+    is the larger of the interquartile range over 1.349 and the distance from the median to the 90th percentile
+    over 1.2816 (both one standard deviation for a normal): a loss whose batches are often near zero (tiny
+    batches) has a narrow middle but a long upper tail, and that tail is its normal noise."""
     ordered = sorted(values)
     med = _quantile(ordered, 0.5)
-    mad = _quantile(sorted(abs(x - med) for x in ordered), 0.5)
-    return med, max(1.4826 * mad, (_quantile(ordered, 0.9) - med) / 1.2816)
+    iqr = _quantile(ordered, 0.75) - _quantile(ordered, 0.25)
+    return med, max(iqr / 1.349, (_quantile(ordered, 0.9) - med) / 1.2816), ordered[-1]
 
 
 def gradient_jump(r: Rule, v: StepView, mem: dict[str, Any]) -> Obs | None:
@@ -240,9 +241,13 @@ def gradient_jump(r: Rule, v: StepView, mem: dict[str, Any]) -> Obs | None:
     if hist:
         base = statistics.median(hist)
         limit = r.factor * base
-        times = g / base if base else math.inf
-        msg = f"total gradient norm {g:.3g} at step {v.step} is {times:.3g}x its recent median {base:.3g}"
-        obs = Obs(r.name, "", base > 0 and g > limit, g, limit, msg)
+        breach = base > 0 and g > limit
+        msg = (
+            f"total gradient norm {g:.3g} at step {v.step} is {g / base:.3g}x its recent median {base:.3g}"
+            if breach
+            else ""
+        )
+        obs = Obs(r.name, "", breach, g, limit, msg)
     _push(hist, g, r.window or 100)
     return obs
 
@@ -286,6 +291,11 @@ def gradients(r: Rule, v: StepView, exploding: bool, mem: dict[str, Any], report
 
 RISE_OF = (2, 3)  # the rise bound holds at 2 of the last 3 steps (this one included)
 RISE_MIN_REL = 0.1  # and is at least 10% above the median (a noise-free loss has no spread to speak of)
+BOUNDS = {  # loss_spike's bounds, as its messages name them
+    "blow-up": "factor x the median of the first 5 losses",
+    "spike": "median + max(threshold x spread, min_rel x median, 2 x (highest - median))",
+    "rise": "median + max(rise x spread, 0.1 x median), at 2 of the last 3 steps",
+}
 
 
 def loss_spike(r: Rule, v: StepView, mem: dict[str, Any]) -> list[Obs]:
@@ -298,29 +308,29 @@ def loss_spike(r: Rule, v: StepView, mem: dict[str, Any]) -> list[Obs]:
     hist: list[float] = mem.setdefault(r.name, [])
     first: list[float] = mem.setdefault(f"{r.name}.first", [])
     risen: list[bool] = mem.setdefault(f"{r.name}.rise", [])
-    bounds: list[tuple[float, str]] = []
+    bounds: dict[str, float] = {}
     if first and r.factor:
-        start = statistics.median(first)
-        bounds.append((r.factor * abs(start), f"{r.factor:.3g}x the first losses' median {start:.4g}"))
-    rise = False
+        bounds["blow-up"] = r.factor * abs(statistics.median(first))
+    rise, robust = False, None
     if len(hist) >= (r.warmup or 1):
-        med, spread = _robust(hist)
-        min_rel = r.min_rel or 0.0
-        top = max(hist) - med  # a spike goes twice as far as the window's highest loss: an outlier of the kind
-        limit = med + max(r.threshold * spread, min_rel * abs(med), 2 * top)  # seen lately is noise
-        why = f"median {med:.4g} + max({r.threshold:.3g} x spread {spread:.3g}, {min_rel:.3g} x median, 2 x {top:.3g})"
-        bounds.append((limit, why))
+        robust = med, spread, highest = _robust(hist)
+        bounds["spike"] = med + max(r.threshold * spread, (r.min_rel or 0.0) * abs(med), 2 * (highest - med))
         if r.rise:
             low = med + max(r.rise * spread, RISE_MIN_REL * abs(med))
             rise = v.loss > low
             if rise and sum(risen) + 1 >= RISE_OF[0]:
-                why = f"median {med:.4g} + max({r.rise:.3g} x spread {spread:.3g}, {RISE_MIN_REL:.3g} x median)"
-                bounds.append((low, f"{why}, at {sum(risen) + 1} of the last {RISE_OF[1]} steps"))
+                bounds["rise"] = low
     out = []
     if bounds:
-        limit, why = min(bounds)
-        msg = f"loss {v.loss:.4g} at step {v.step} above {limit:.4g} ({why})"
-        out.append(Obs(r.name, "", v.loss > limit, v.loss, limit, msg))
+        kind = min(bounds, key=bounds.__getitem__)
+        limit = bounds[kind]
+        breach = v.loss > limit
+        msg = ""
+        if breach:
+            msg = f"loss {v.loss:.4g} at step {v.step} above {limit:.4g}, a {kind}: {BOUNDS[kind]}"
+            if robust:
+                msg += " (median {:.4g}, spread {:.3g}, highest {:.4g})".format(*robust)
+        out.append(Obs(r.name, "", breach, v.loss, limit, msg))
     risen.append(rise)
     del risen[: -(RISE_OF[1] - 1)]
     if len(first) < 5:

@@ -26,6 +26,8 @@ def incident_layers(alerts: Iterable[Any], rule: str, state: str = "firing") -> 
 
 def page(events: list[tuple[Any, str, Obs | None]], alerts: Iterable[AlertRow], send: Page) -> None:
     """Notify ``events`` (alert, firing|resolved, obs, in order), the run's ``alerts`` in their state after them."""
+    if not events:
+        return
     every = list(alerts)
     for row, status, obs in events:
         peers = [a for a in every if a.rule == row.rule and a is not row]

@@ -4,7 +4,7 @@ rules:                      # global: built-in overrides and user rules, by name
   dead_units: {threshold: 0.4, for: 2}
   big_grads: {stat: grad_norm, op: ">", threshold: 100, for: 3, layer: "encoder.*", severity: critical}
 projects:                   # per-project overrides, same shape as `rules`
-  nlp: {loss_plateau: {enabled: false}}
+  nlp: {loss_plateau: {enabled: true}}
 channels:
   ops: {type: webhook, url: "http://hooks.local/lw"}
   chat: {type: slack, url: "https://hooks.slack.com/services/..."}

@@ -58,16 +58,28 @@ def codes(t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if t.dtype != torch.float32:
             t = t.float()
         bits, shift = t.view(torch.int32), 22
-    if out is not None and out.dtype == bits.dtype and out.shape == bits.shape:
+    if out is not None and out.shape == bits.shape:
         code = torch.bitwise_right_shift(bits, shift, out=out)
     else:
         code = torch.bitwise_right_shift(bits, shift)
     return code.bitwise_and_(CODES - 1).reshape(-1)
 
 
+_EXACT_CHUNK = 1 << 24  # float32 counts are exact up to here
+
+
 def count_codes(t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """(CODES,) int64 counts of the codes of ``t``'s elements."""
-    return torch.bincount(codes(t, out), minlength=CODES)
+    """(CODES,) int64 counts of the codes of ``t``'s elements.
+
+    On CUDA ``bincount`` reads its input's maximum back to the host (a sync per call), so there the codes are
+    counted with ``histc`` over a fixed range (no sync), in float32 chunks small enough to count exactly."""
+    code = codes(t, out)
+    if not code.is_cuda:
+        return torch.bincount(code, minlength=CODES)
+    total = torch.zeros(CODES, dtype=torch.int64, device=code.device)
+    for chunk in code.split(_EXACT_CHUNK):
+        total += torch.histc(chunk.float(), bins=CODES, min=0, max=CODES).long()
+    return total
 
 
 def fold(code_counts: torch.Tensor) -> torch.Tensor:
@@ -122,7 +134,7 @@ class Histograms:
     param_rows: list[int]  # per watched parameter, its module's row
     due: bool = False
     _acts: torch.Tensor | None = field(default=None, repr=False)  # (layer capacity, CODES) int64
-    _scratch: dict[tuple[torch.dtype, torch.Size], torch.Tensor] = field(default_factory=dict, repr=False)
+    _scratch: torch.Tensor | None = field(default=None, repr=False)  # (largest numel,) int64, CPU
 
     @classmethod
     def for_params(cls, names: list[str]) -> Histograms:
@@ -148,38 +160,34 @@ class Histograms:
         acts[index] += count_codes(a, self._out(a))
 
     def _out(self, a: torch.Tensor) -> torch.Tensor | None:
-        """A reused integer buffer for the codes on CPU (fresh large temporaries page-fault in: see stats.Scratch)."""
+        """A reused int64 buffer for the codes on CPU, as large as the largest tensor counted: fresh large
+        temporaries page-fault in on every call (see stats.Scratch), and bincount counts int64 codes fastest."""
         if not a.is_cpu or a.dtype not in (torch.float32, torch.bfloat16):
             return None
-        dtype = torch.int16 if a.dtype == torch.bfloat16 else torch.int32
-        key = (dtype, a.shape)
-        out = self._scratch.get(key)
-        if out is None:
-            if len(self._scratch) > 64:
-                self._scratch.clear()
-            out = self._scratch[key] = torch.empty(a.shape, dtype=dtype)
-        return out
+        if self._scratch is None or self._scratch.numel() < a.numel():
+            self._scratch = torch.empty(a.numel(), dtype=torch.int64)
+        return self._scratch.narrow(0, 0, a.numel()).view(a.shape)
 
     def take(
         self,
         step: int,
         layer_names: list[str],
         grads: list[tuple[int, torch.Tensor]],
-        reduce_async=None,
+        reducer: RankSum | None = None,
     ) -> Snapshot:
         """End of a histogram step: count the gradients (``(param index, local gradient)``, those this rank
-        owns), stack them under the activations, start the cross-rank sum (``reduce_async(t)`` returns its
-        work handle, or None) and the copy to the host."""
+        owns) into rows above the activations', start the sum over ranks and the copy to the host."""
         self.due = False
-        n_layers = len(layer_names)
+        n_layers, n_modules = len(layer_names), len(self.modules)
         device = self._acts.device if self._acts is not None else (grads[0][1].device if grads else torch.device("cpu"))
-        counts = torch.zeros(n_layers + len(self.modules), CODES, dtype=torch.int64, device=device)
-        if self._acts is not None and n_layers:
-            counts[:n_layers] = self._acts[:n_layers]
+        counts = torch.zeros(n_modules + n_layers, CODES, dtype=torch.int64, device=device)
         for index, grad in grads:
-            counts[n_layers + self.param_rows[index]] += count_codes(grad.detach().to(device)).to(device)
-        work = reduce_async(counts) if reduce_async is not None else None
-        names = [("activation", n) for n in layer_names] + [("gradient", m) for m in self.modules]
+            grad = grad.detach().to(device)
+            counts[self.param_rows[index]] += count_codes(grad, self._out(grad))
+        if self._acts is not None and n_layers:
+            counts[n_modules:] = self._acts[:n_layers]
+        work = reducer.start(counts, n_modules, n_layers) if reducer is not None else None
+        names = [("gradient", m) for m in self.modules] + [("activation", n) for n in layer_names]
         host, ready = counts, None
         if counts.device.type == "cuda":
             if work is not None:
@@ -200,14 +208,33 @@ def wire_section(snapshots: list[Snapshot]) -> dict[str, Any] | None:
     return {"edges": list(EDGES), "layers": layers} if layers else None
 
 
-def sum_across_ranks(counts: torch.Tensor) -> Any:
-    """Start summing ``counts`` over the ranks of torch.distributed, when it is up with more than one rank;
-    the work handle, or None. Every rank calls this at the same steps (histogram steps are counted alike)."""
-    import torch.distributed as dist
+class RankSum:
+    """Sums the counts over the ranks of torch.distributed: one asynchronous all_reduce per histogram step (every
+    rank takes the same steps). A collective needs the same size on every rank: the gradient rows are the same
+    (one per parameter-owning module); the activation rows are agreed once, at the first histogram step (the one
+    host synchronisation, as :class:`layerwatch.distributed.UnitReducer` does), and layers first seen later, or
+    all of them when ranks disagree then, are counted on rank 0 alone."""
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return None
-    return dist.all_reduce(counts, op=dist.ReduceOp.SUM, async_op=True)
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.enabled = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.frozen_layers: int | None = None
+
+    def start(self, counts: torch.Tensor, n_modules: int, n_layers: int) -> Any:
+        """The work handle of the sum of ``counts``' leading rows, in place; None when alone."""
+        if not self.enabled:
+            return None
+        dist = self.dist
+        if self.frozen_layers is None:
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            low, high = torch.tensor([n_layers], device=device), torch.tensor([n_layers], device=device)
+            dist.all_reduce(low, op=dist.ReduceOp.MIN)
+            dist.all_reduce(high, op=dist.ReduceOp.MAX)
+            self.frozen_layers = n_layers if int(low) == int(high) else 0
+        rows = n_modules + min(self.frozen_layers, n_layers)
+        return dist.all_reduce(counts.narrow(0, 0, rows), op=dist.ReduceOp.SUM, async_op=True)
 
 
 def owned_gradients(params: list[tuple[int, torch.Tensor]]) -> list[tuple[int, torch.Tensor]]:

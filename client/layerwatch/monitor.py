@@ -24,7 +24,7 @@ from layerwatch.batching import BatchBuilder
 from layerwatch.config import Config
 from layerwatch.distributed import ParamStats, UnitReducer, rank_and_world, run_key
 from layerwatch.exporter import Exporter
-from layerwatch.histograms import Histograms, Snapshot, owned_gradients, sum_across_ranks
+from layerwatch.histograms import Histograms, RankSum, Snapshot, owned_gradients
 from layerwatch.layers import let_compiled_code_see_hooks, select, unwrap
 from layerwatch.recorder import Recorder
 from layerwatch.report import Report, StepMeta
@@ -83,6 +83,7 @@ class Monitor:
         self._param_stats = ParamStats([p for _, p in self._params])
         self._histograms = Histograms.for_params([n for n, _ in self._params]) if config.histogram_every_steps else None
         self._snapshots: list[Snapshot] = []
+        self._rank_sum = RankSum()
         self.recorder.histograms = self._histograms
         if self._histograms is not None and config.histogram_every_steps == 1:
             self._histograms.start()
@@ -232,7 +233,7 @@ class Monitor:
         if histograms.due:
             names = [layer.name for layer in self.recorder.layers]
             grads = owned_gradients(list(enumerate(p for _, p in self._params)))
-            self._snapshots.append(histograms.take(number, names, grads, sum_across_ranks))
+            self._snapshots.append(histograms.take(number, names, grads, self._rank_sum))
         if (self._recorded + 1) % self.config.histogram_every_steps == 0:
             histograms.start()
 

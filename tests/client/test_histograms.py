@@ -117,16 +117,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, spool_dir: str) -> None:
+class Branchy(nn.Module):
+    """Rank 1 runs a module rank 0 never does: the ranks see different layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.act, self.extra = nn.Linear(4, 6), nn.ReLU(), nn.Tanh()
+
+    def forward(self, x: torch.Tensor, branch: bool = False) -> torch.Tensor:
+        out = self.act(self.fc(x))
+        return self.extra(out) if branch else out
+
+
+def _worker(rank: int, world: int, port: int, spool_dir: str, branch: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)  # the same weights on both ranks
-        model = DistributedDataParallel(nn.Sequential(nn.Linear(4, 6), nn.ReLU()))
+        model = DistributedDataParallel(Branchy())
         mon = layerwatch.watch(model, mode="offline", spool_dir=spool_dir, every=2)
         for step in range(2):
             x = torch.full((3, 4), float(rank + 1)) * (step + 1)
-            model(x).sum().backward()
+            model(x, branch and rank == 1).sum().backward()
             mon.step()
             model.zero_grad()
         mon.close()
@@ -134,16 +146,22 @@ def _worker(rank: int, world: int, port: int, spool_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_under_ddp_rank_0_sends_the_histograms_summed_over_ranks(tmp_path: Path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+def expected_relu(ranks: tuple[int, ...]) -> list[int]:
+    torch.manual_seed(0)
+    model = Branchy()
+    with torch.no_grad():
+        counts = [reference(model.act(model.fc(torch.full((3, 4), float(rank + 1)) * 2))) for rank in ranks]
+    return [sum(column) for column in zip(*counts, strict=True)]
+
+
+@pytest.mark.parametrize("branch", [False, True], ids=["same layers", "rank 1 has one more"])
+def test_under_ddp_rank_0_sends_the_histograms_summed_over_ranks(tmp_path: Path, branch: bool):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), branch), nprocs=2, join=True)
     batches = read_spool(tmp_path)
     assert not any("histograms" in b for b in batches if b["rank"] == 1)
     entries = [e for b in batches if b["rank"] == 0 for e in b.get("histograms", {}).get("layers", [])]
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
-    inputs = [torch.full((3, 4), float(rank + 1)) * 2 for rank in (0, 1)]  # step 1, both ranks
-    act = [a + b for a, b in zip(*(reference(model[1](model[0](x))) for x in inputs), strict=True)]
-    relu = next(e for e in entries if e["kind"] == "activation" and e["layer"] == "1")
-    assert relu["step"] == 1 and [*relu["counts"], relu["nan"]] == act  # both ranks' activations
-    grad = next(e for e in entries if e["kind"] == "gradient" and e["layer"] == "0")
+    relu = next(e for e in entries if e["kind"] == "activation" and e["layer"] == "act")
+    # Both ranks' activations; where the ranks disagree on their layers, rank 0's alone (and no hang).
+    assert relu["step"] == 1 and [*relu["counts"], relu["nan"]] == expected_relu((0,) if branch else (0, 1))
+    grad = next(e for e in entries if e["kind"] == "gradient" and e["layer"] == "fc")
     assert sum(grad["counts"]) == 4 * 6 + 6  # the (averaged) gradient once, not once per rank

@@ -216,11 +216,14 @@ def drive(base: str, clients: int, seconds: float, layers: int, steps: int, pid:
     lat.sort()
     pct = (lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000) if lat else (lambda q: float("nan"))
     return {
+        "run_key": run_key,
         "rows_s": rows[0] / elapsed,
         "rows_per_cpu_s": rows[0] / server_cpu if server_cpu else float("nan"),
         "p50_ms": pct(0.50),
         "p99_ms": pct(0.99),
         "status": counts,
+        "latencies_s": lat,
+        "rows": rows[0],
     }
 
 
@@ -316,6 +319,117 @@ def raw_sqlite_rate(url: str, seconds: float, layers: int, steps: int) -> float:
     return rows / spent
 
 
+def raw_copy_rate(url: str, seconds: float, layers: int, steps: int) -> float:
+    """The PostgreSQL yardstick: psycopg ``COPY`` of pre-built rows into the collector's own (migrated,
+    indexed) ``layer_stats`` table, one transaction per batch of the same size the clients send, no HTTP,
+    no decoding, no step claiming: what this machine's PostgreSQL takes at all from one connection."""
+    import psycopg
+
+    conn = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"))
+    columns = ["run_id", "layer_id", "rank", "step", *wire.LAYER_STATS]
+    sql = f"COPY layer_stats ({', '.join(columns)}) FROM STDIN"
+    rnd = random.Random(0)
+    values = [rnd.random() for _ in wire.LAYER_STATS]
+    rows, step, spent = 0, 0, 0.0
+    while spent < seconds:
+        batch = [("rawbench", layer, 0, step + s, *values) for s in range(steps) for layer in range(layers)]
+        step += steps
+        t0 = time.perf_counter()
+        with conn.cursor() as cur, cur.copy(sql) as copy:
+            for row in batch:
+                copy.write_row(row)
+        conn.commit()
+        spent += time.perf_counter() - t0
+        rows += len(batch)
+    conn.close()
+    return rows / spent
+
+
+def stored_bytes_per_row(url: str) -> tuple[float, int]:
+    """(bytes per stored layer-row, rows): the ``layer_stats`` table with its indexes, over its rows."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        n = conn.scalar(text("SELECT count(*) FROM layer_stats"))
+        if engine.dialect.name == "postgresql":
+            size = conn.scalar(text("SELECT pg_total_relation_size('layer_stats')"))
+        else:  # dbstat: the pages of the table and its indexes (the WAL is checkpointed at shutdown)
+            size = conn.scalar(text("SELECT sum(pgsize) FROM dbstat WHERE name LIKE '%layer_stats%'"))
+    engine.dispose()
+    return (size / n if n else float("nan")), n
+
+
+def children(pid: int) -> list[int]:
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(x) for x in (task / "children").read_text().split()]
+    return kids
+
+
+def mirror_cursor(url: str, run_key: str) -> tuple[int | None, int | None]:
+    """(the run's last step, the last step the MLflow mirror sent) of the run with ``run_key``."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        row = conn.execute(
+            text(
+                "SELECT r.last_step, m.last_step FROM runs r LEFT JOIN mlflow_mirror m ON m.run_id = r.id "
+                "WHERE r.key = :k"
+            ),
+            {"k": run_key},
+        ).first()
+    engine.dispose()
+    return (row[0], row[1]) if row else (None, None)
+
+
+def mirror_phase(tmp: Path, seconds: float, layers: int, steps: int) -> None:
+    """The embedded default collector (SQLite, MLflow mirror into a SQLite MLflow store) with the mirror off,
+    then on, one client of ``layers`` layers: ingest rate side by side (after a first run has been mirrored,
+    so MLflow's import is not part of it), then how long the mirror (its own process) takes to catch up with
+    everything ingested, and the metric keys the run got in MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    rates = {}
+    saved = dict(MIRROR_ENV)
+    for mode in ("off", "on"):
+        MIRROR_ENV.clear()
+        MIRROR_ENV.update(saved if mode == "off" else {})
+        with database("sqlite", tmp) as url, collector(url, tmp / f"mirror-{mode}.log") as (base, proc):
+            warm = drive(base, 1, 0.2, layers, steps)  # the mirror's first run: imports MLflow, makes the experiment
+            deadline = time.monotonic() + 90
+            while mode == "on" and len(set(mirror_cursor(url, warm["run_key"]))) > 1 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            r = drive(base, 1, seconds, layers, steps, pid=proc.pid)
+            rates[mode] = r["rows_s"]
+            line = (
+                f"mirror {mode:3s} sqlite clients=  1 layers={layers}  {r['rows_s']:10,.0f} layer-rows/s  "
+                f"({r['rows_per_cpu_s']:,.0f} per collector CPU-s)  p99={r['p99_ms']:.1f} ms"
+            )
+            if mode == "on":
+                kids = children(proc.pid)
+                t0 = time.monotonic()
+                last, sent = mirror_cursor(url, r["run_key"])
+                while sent != last and time.monotonic() - t0 < 300:
+                    time.sleep(0.2)
+                    last, sent = mirror_cursor(url, r["run_key"])
+                behind = time.monotonic() - t0
+                steps_s = ((sent or -1) + 1) / (seconds + behind)
+                store = f"sqlite:///{Path(url.removeprefix('sqlite:///')).parent / 'mlflow.db'}"
+                ml = MlflowClient(tracking_uri=store)
+                keys = len(ml.search_runs(ml.get_experiment_by_name("bench").experiment_id)[0].data.metrics)
+                line += (
+                    f"; mirror at step {sent} of {last} {behind:.1f} s after the last batch: {steps_s:.1f} steps/s "
+                    f"of {keys} metric keys ({steps_s * keys:,.0f} metrics/s), mirror process CPU "
+                    f"{sum(cpu_s(k) for k in kids):.1f} s"
+                )
+            print(line, flush=True)
+    MIRROR_ENV.clear()
+    MIRROR_ENV.update(saved)
+    print(f"mirror on / off ingest = {rates['on'] / rates['off']:.2f}")
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -357,6 +471,8 @@ def main() -> None:
     ap.add_argument("--mlflow-seconds", type=float, default=10.0, help="0 skips MLflow")
     ap.add_argument("--overload-seconds", type=float, default=10.0, help="0 skips the overload phase")
     ap.add_argument("--max-inflight", type=int, default=16, help="collector limit during the overload phase")
+    ap.add_argument("--mirror-seconds", type=float, default=8.0, help="mirror on vs off phase; 0 skips it")
+    ap.add_argument("--mirror-layers", type=int, default=200, help="layers of the run in the mirror phase")
     ap.add_argument(
         "--mirror",
         action="store_true",
@@ -376,17 +492,27 @@ def main() -> None:
                 raw = raw_sqlite_rate(url, 5.0, args.layers, args.steps)
             print(f"yardstick  raw sqlite3 executemany into layer_stats: {raw:,.0f} rows/s (issue's machine: ~230k)")
         for backend in args.backends.split(","):
+            copy_raw = 0.0
+            if backend == "postgresql":
+                with database(backend, tmp) as url:
+                    copy_raw = raw_copy_rate(url, 5.0, args.layers, args.steps)
+                print(f"yardstick  raw psycopg COPY into layer_stats: {copy_raw:,.0f} rows/s", flush=True)
             with database(backend, tmp) as url, collector(url, tmp / f"{backend}.log") as (base, proc):
                 for c in (int(x) for x in args.clients.split(",")):
                     r = drive(base, c, args.seconds, args.layers, args.steps, pid=proc.pid)
                     results[f"{backend}/{c}"] = r["rows_s"]
-                    share = f"  = {r['rows_s'] / raw:.0%} of raw sqlite3" if backend == "sqlite" and raw else ""
+                    yard, what = (raw, "raw sqlite3") if backend == "sqlite" else (copy_raw, "raw COPY")
+                    share = f"  = {r['rows_s'] / yard:.0%} of {what}" if yard else ""
                     print(
                         f"{backend:10s} clients={c:3d}  {r['rows_s']:10,.0f} layer-rows/s{share}  "
                         f"({r['rows_per_cpu_s']:,.0f} per collector CPU-s)  "
                         f"p50={r['p50_ms']:7.1f} ms  p99={r['p99_ms']:7.1f} ms  status={r['status']}",
                         flush=True,
                     )
+                per_row, n = stored_bytes_per_row(url)
+                print(f"{backend:10s} stored: {per_row:,.0f} bytes per layer-row (layer_stats with its indexes, {n:,})")
+        if args.mirror_seconds > 0:
+            mirror_phase(tmp, args.mirror_seconds, args.mirror_layers, args.steps)
         if args.mlflow_seconds > 0:
             m = mlflow_rate(tmp, args.mlflow_seconds, args.layers)
             metrics = m * len(wire.LAYER_STATS)

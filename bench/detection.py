@@ -52,6 +52,9 @@ def _page(p: dict[str, Any]) -> str:
 
 
 def report(results: list[Result], every: int) -> None:
+    print("\n## Scenarios\n")
+    for r in results:
+        print(f"- {r.scenario.name}: {r.scenario.note} ({r.steps} steps trained, {r.seconds:.0f} s)")
     print("\n## Failures: the first page of an expected rule; the published detectors on the same loss series\n")
     head = ["scenario", "expected", "fault", "NaN", "first page", "report", "lead", "killspike", "olmo6sd", "z3_30",
             "every page (incident layers)"]  # fmt: skip

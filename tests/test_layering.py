@@ -30,11 +30,11 @@ CLIENT_TIERS: dict[str, int] = {
     **dict.fromkeys(["__init__", "cli", "integrations"], 8),
 }
 
-# The collector: cli -> app -> api -> (rules | mirrors | notify | jobs | observability) -> storage -> core.
+# The collector: cli -> app -> api -> (rules | mirrors | notify | jobs | observability | pictures) -> storage -> core.
 COLLECTOR_TIERS: dict[str, int] = {
     "core": 0,
     "storage": 1,
-    **dict.fromkeys(["rules", "mirrors", "notify", "jobs", "observability"], 2),
+    **dict.fromkeys(["rules", "mirrors", "notify", "jobs", "observability", "pictures"], 2),
     "api": 3,
     "app": 4,
     "cli": 5,

@@ -76,7 +76,7 @@ def sync(
     if not spools and not rejected:
         _say(f"[yellow]No spooled batches under {escape(str(directory))}.[/]")
         return
-    upload = _Upload(transport.HttpTransport(url, token, timeout), url, retries, in_flight)
+    upload = _Upload(transport.KeptAliveTransport(url, token, timeout), url, retries, in_flight)
     with console.status(f"Uploading batches from {len(spools)} spool(s) to {url} ...") as upload.status:
         for d in spools:
             if not upload.drain(spool.Spool(d, max_bytes=1 << 62)):

@@ -7,9 +7,12 @@ network is not the point.
 
 from __future__ import annotations
 
+import http.client
 import json
 import random
+import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -50,32 +53,101 @@ class HttpTransport:
         return post_batch(self.url, payload, self.token, self.timeout)
 
 
+class KeptAliveTransport:
+    """The ingest endpoint over one kept-alive connection per thread, for a sender that keeps several batches in
+    flight (``layerwatch sync``): no connection set up per batch. Where a proxy applies to the URL, each
+    batch goes through urllib as :class:`HttpTransport` sends it."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 10.0) -> None:
+        self.url, self.token, self.timeout = url, token, timeout
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        try:
+            self._address = (host, parts.port)
+        except ValueError:  # a malformed port: urllib says so for each batch
+            host, self._address = "", ("", None)
+        self._plain = bool(host) and parts.scheme in ("http", "https") and not _proxied(url, host)
+        self._https = parts.scheme == "https"
+        self._path = parts.path.rstrip("/") + INGEST_PATH
+        self._local = threading.local()
+
+    def post_batch(self, payload: bytes) -> Delivery:
+        if not self._plain:
+            return post_batch(self.url, payload, self.token, self.timeout)
+        reused = getattr(self._local, "conn", None) is not None
+        try:
+            try:
+                return self._exchange(payload)
+            except _CLOSED_BY_PEER:
+                if not reused:
+                    raise
+                self._close()  # the collector closed an idle connection: once more on a new one (ingest is idempotent)
+                return self._exchange(payload)
+        except (OSError, http.client.HTTPException) as exc:
+            self._close()
+            return Delivery(ok=False, error=f"cannot reach {self.url}: {exc}")
+
+    def _exchange(self, payload: bytes) -> Delivery:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+            conn = self._local.conn = kind(*self._address, timeout=self.timeout)
+        conn.request("POST", self._path, body=payload, headers=_headers(self.token))
+        response = conn.getresponse()
+        body = response.read()
+        if response.will_close:
+            self._close()
+        return _answer(response.status, response.reason, response.getheader("Retry-After"), body)
+
+    def _close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+
+_CLOSED_BY_PEER = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+
+
+def _proxied(url: str, host: str) -> bool:
+    scheme = urllib.parse.urlsplit(url).scheme
+    return scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(host)
+
+
+def _headers(token: str | None) -> dict[str, str]:
+    return {
+        "Content-Type": wire.CONTENT_TYPE,
+        "Content-Encoding": wire.CONTENT_ENCODING,
+        "Accept": "application/json",
+        "User-Agent": "layerwatch-client",
+        **({"Authorization": f"Bearer {token}"} if token else {}),
+    }
+
+
+def _answer(status: int, reason: str, retry_after: str | None, raw: bytes) -> Delivery:
+    """A :class:`Delivery` from an HTTP answer, as :func:`post_batch` describes one."""
+    body = _json(raw)
+    if 200 <= status < 300:
+        return Delivery(ok=True, status=status, body=body)
+    detail = body.get("detail") if isinstance(body, dict) else None
+    return Delivery(
+        ok=False,
+        status=status,
+        retry_after=_retry_after(retry_after),
+        body=body,
+        error=f"HTTP {status}: {detail or reason}",
+    )
+
+
 def post_batch(url: str, payload: bytes, token: str | None, timeout: float) -> Delivery:
     request = urllib.request.Request(
-        url.rstrip("/") + INGEST_PATH,
-        data=payload,
-        method="POST",
-        headers={
-            "Content-Type": wire.CONTENT_TYPE,
-            "Content-Encoding": wire.CONTENT_ENCODING,
-            "Accept": "application/json",
-            "User-Agent": "layerwatch-client",
-            **({"Authorization": f"Bearer {token}"} if token else {}),
-        },
+        url.rstrip("/") + INGEST_PATH, data=payload, method="POST", headers=_headers(token)
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return Delivery(ok=True, status=response.status, body=_json(response.read()))
     except urllib.error.HTTPError as exc:
-        body = _json(exc.read())
-        detail = body.get("detail") if isinstance(body, dict) else None
-        return Delivery(
-            ok=False,
-            status=exc.code,
-            retry_after=_retry_after(exc.headers.get("Retry-After")),
-            body=body,
-            error=f"HTTP {exc.code}: {detail or exc.reason}",
-        )
+        return _answer(exc.code, exc.reason, exc.headers.get("Retry-After"), exc.read())
     except (urllib.error.URLError, OSError, TimeoutError, ValueError) as exc:  # ValueError: a malformed URL
         reason = getattr(exc, "reason", exc)
         return Delivery(ok=False, error=f"cannot reach {url}: {reason}")

@@ -1,16 +1,20 @@
-"""`layerwatch sync` with several batches in flight: deliveries finish in any order, acknowledgements do not."""
+"""`layerwatch sync` with several batches in flight: deliveries finish in any order, acknowledgements do not;
+the batches of one sender thread share a kept-alive connection."""
 
 from __future__ import annotations
 
 import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
+import pytest
 from click.testing import CliRunner
 
 from layerwatch import spool, wire
 from layerwatch.cli import _Upload
 from layerwatch.cli import main as cli
-from layerwatch.transport import Delivery
+from layerwatch.transport import Delivery, HttpTransport, KeptAliveTransport
 from tests.waiting import wait_until
 
 BATCHES = 8
@@ -127,3 +131,68 @@ def test_sync_in_flight_against_a_collector(collector, tmp_path):
     assert "Uploaded 8 batch(es)" in result.output
     assert collector.batches[-1]["end"] == {"status": "finished"}
     assert not spool.segments(tmp_path / "run" / "rank-0")
+
+
+class KeepAlive:
+    """An HTTP/1.1 server that keeps connections open, notes each request's client port, and can drop a
+    connection after answering (``drop_after``) without saying so, as a collector closing an idle one does."""
+
+    def __init__(self) -> None:
+        self.ports: list[int] = []
+        self.bodies: list[bytes] = []
+        self.drop_after = False
+        self.answer = (202, b'{"run_id": "r"}')
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                server.bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+                server.ports.append(self.client_address[1])
+                status, body = server.answer
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                self.close_connection = server.drop_after
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def keep_alive():
+    server = KeepAlive()
+    yield server
+    server.httpd.shutdown()
+    server.httpd.server_close()
+
+
+def test_batches_share_one_connection_and_outlive_its_close(keep_alive):
+    sender = KeptAliveTransport(keep_alive.url, token="t", timeout=5)
+    assert all(sender.post_batch(b"%d" % i).ok for i in range(3))
+    assert len(set(keep_alive.ports)) == 1  # one connection for the three
+
+    keep_alive.drop_after = True
+    assert sender.post_batch(b"3").ok  # answered, then the server drops the connection
+    keep_alive.drop_after = False
+    result = sender.post_batch(b"4")  # goes out on the dead connection first, then again on a new one
+    assert result.ok and result.status == 202 and result.body == {"run_id": "r"}
+    assert keep_alive.bodies == [b"0", b"1", b"2", b"3", b"4"]
+    assert len(set(keep_alive.ports)) == 2
+
+
+def test_an_answer_is_described_as_urllib_describes_it(keep_alive):
+    keep_alive.answer = (422, b'{"detail": "steps: 60000 rows"}')
+    kept = KeptAliveTransport(keep_alive.url).post_batch(b"x")
+    plain = HttpTransport(keep_alive.url).post_batch(b"x")
+    assert kept == plain
+    assert kept.status == 422 and kept.error == "HTTP 422: steps: 60000 rows" and not kept.ok
+    down = KeptAliveTransport("http://127.0.0.1:9").post_batch(b"x")
+    assert not down.ok and down.status is None and down.error.startswith("cannot reach http://127.0.0.1:9")

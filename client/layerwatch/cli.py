@@ -57,7 +57,7 @@ def main() -> None:
     default=4,
     show_default=True,
     type=click.IntRange(1, 32),
-    help="Batches sent at once (the collector stores them concurrently).",
+    help="Batches on their way at once. 1 keeps each rank's batches in order, the order the alert rules evaluate.",
 )
 @click.option("--rejected", "resend_rejected", is_flag=True, help="Also resend the batches set aside in rejected/.")
 def sync(

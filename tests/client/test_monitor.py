@@ -71,10 +71,10 @@ def test_dead_channels_of_a_conv_layer(tmp_path):
     mon.close()
     batches = read_spool(tmp_path)
     assert layer_rows(batches, "1")[2]["dead_frac"] == 0.5
-    # The conv's output feeds the ReLU module, which measures its channels: from the second step on the
-    # conv reports its distribution only, and no dead fraction of its own.
+    # The conv's output feeds the ReLU module, which measures its channels: the conv reports its
+    # distribution only, and no zero or dead fraction of its own, from its first step on (issue #14).
     conv_rows = layer_rows(batches, "0")
-    assert conv_rows[0]["zero_frac"] == 0.0 and conv_rows[1]["zero_frac"] is None
+    assert [row["zero_frac"] for row in conv_rows.values()] == [None, None, None]
     assert conv_rows[2]["dead_frac"] is None
     assert conv_rows[2]["act_max_abs"] > 999 and conv_rows[2]["nonfinite"] == 0.0
     layers = {entry["name"]: entry for entry in batches[0]["layers"]}

@@ -3,18 +3,20 @@ read a collector. Only the standard library, click and rich: it runs wherever th
 
 from __future__ import annotations
 
-import concurrent.futures
 import datetime as dt
 import itertools
 import json
 import math
 import os
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any
 
 import click
@@ -116,33 +118,32 @@ class _Upload:
         if again is not None:
             records = itertools.islice(records, again)
         acks = _InOrder(queue)
-        halted = False
+        senders = _Senders(self.in_flight, self._deliver)
+        flying, halted = 0, False
         ahead = next(records, None)
         try:
-            with concurrent.futures.ThreadPoolExecutor(self.in_flight, thread_name_prefix="layerwatch-sync") as pool:
-                flying: dict[concurrent.futures.Future, tuple[int, bytes]] = {}
-                while True:
-                    while ahead is not None and not halted and len(flying) < self.in_flight:
-                        following = next(records, None)
-                        if following is None and flying:
-                            break  # the last batch (a run's end) goes when all before it are delivered
-                        segment, offset, payload = ahead
-                        ahead, turn = following, acks.add(segment, offset)
-                        if payload is None:  # an unreadable span, already set aside
-                            acks.done(turn)
-                        else:
-                            flying[pool.submit(self._deliver, payload)] = (turn, payload)
-                    if not flying:
-                        return not self.stopped
-                    finished, _ = concurrent.futures.wait(flying, return_when=concurrent.futures.FIRST_COMPLETED)
-                    for future in finished:
-                        turn, payload = flying.pop(future)
-                        outcome, result = future.result()
-                        if self._settle(queue, payload, outcome, result, again, quiet=halted):
-                            acks.done(turn)
-                        else:
-                            halted = halted or outcome in (delivery.Outcome.RETRY, delivery.Outcome.KEEP)
+            while True:
+                while ahead is not None and not halted and flying < self.in_flight:
+                    following = next(records, None)
+                    if following is None and flying:
+                        break  # the last batch (a run's end) goes when all before it are delivered
+                    segment, offset, payload = ahead
+                    ahead, turn = following, acks.add(segment, offset)
+                    if payload is None:  # an unreadable span, already set aside
+                        acks.done(turn)
+                    else:
+                        senders.send(turn, payload)
+                        flying += 1
+                if not flying:
+                    return not self.stopped
+                turn, payload, outcome, result = senders.results.get()
+                flying -= 1
+                if self._settle(queue, payload, outcome, result, again, quiet=halted):
+                    acks.done(turn)
+                else:
+                    halted = halted or outcome in (delivery.Outcome.RETRY, delivery.Outcome.KEEP)
         finally:
+            senders.close()
             queue.head()  # removes the segments that were delivered whole
             for span in queue.corrupt:
                 self.corrupt += 1
@@ -193,6 +194,35 @@ class _Upload:
         self.status.update(f"Uploading to {self.url} ... {self.sent} sent ({result.error}; retry in {seconds:.0f} s)")
         time.sleep(seconds)
         return True
+
+
+class _Senders:
+    """Daemon threads that deliver batches, each over its own kept-alive connection, and queue the outcomes. A
+    sync stopped by Ctrl-C exits at once: what was in flight is not acknowledged, so it goes again next time."""
+
+    def __init__(self, n: int, deliver: Callable[[bytes], tuple[delivery.Outcome, transport.Delivery]]) -> None:
+        self.deliver = deliver
+        self.jobs: SimpleQueue[tuple[int, bytes] | None] = SimpleQueue()
+        self.results: SimpleQueue[tuple[int, bytes, delivery.Outcome, transport.Delivery]] = SimpleQueue()
+        self.threads = [threading.Thread(target=self._work, name="layerwatch-sync", daemon=True) for _ in range(n)]
+        for thread in self.threads:
+            thread.start()
+
+    def send(self, turn: int, payload: bytes) -> None:
+        self.jobs.put((turn, payload))
+
+    def close(self) -> None:
+        for _ in self.threads:
+            self.jobs.put(None)
+
+    def _work(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            turn, payload = job
+            try:
+                outcome, result = self.deliver(payload)
+            except Exception as exc:  # a transport never raises; if one did, the batch waits for the next sync
+                outcome, result = delivery.Outcome.RETRY, transport.Delivery(ok=False, error=repr(exc))
+            self.results.put((turn, payload, outcome, result))
 
 
 class _InOrder:

@@ -3,6 +3,10 @@ the batches of one sender thread share a kept-alive connection."""
 
 from __future__ import annotations
 
+import signal
+import socket
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -196,3 +200,24 @@ def test_an_answer_is_described_as_urllib_describes_it(keep_alive):
     assert kept.status == 422 and kept.error == "HTTP 422: steps: 60000 rows" and not kept.ok
     down = KeptAliveTransport("http://127.0.0.1:9").post_batch(b"x")
     assert not down.ok and down.status is None and down.error.startswith("cannot reach http://127.0.0.1:9")
+
+
+def test_ctrl_c_stops_a_sync_at_once_and_skips_nothing(tmp_path):
+    """A collector that takes the connections and never answers; Ctrl-C ends the sync without waiting for them."""
+    spooled(tmp_path / "run" / "rank-0")
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        silent.settimeout(30)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        sync = subprocess.Popen(
+            [sys.executable, "-m", "layerwatch.cli", "sync", str(tmp_path / "run"), "--url", url, "--timeout", "60"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            taken, _ = silent.accept()  # a batch is on its way
+            with taken:
+                sync.send_signal(signal.SIGINT)
+                assert sync.wait(timeout=15) != 0
+        finally:
+            sync.kill()
+    assert spool.pending_records(tmp_path / "run" / "rank-0") == BATCHES

@@ -13,8 +13,10 @@ and one ``bincount`` over 1024 codes (sign, exponent, the top mantissa bit, whic
 Inf), folded into the bins once per report; no comparisons, no logarithms. bfloat16 shares float32's
 exponent, so it is counted as it is; other float types are converted to float32 first.
 
-Which steps: the last step of each report interval (``every`` steps), on every rank alike, so that under
-torch.distributed one all_reduce sums the counts across ranks at that step (the global histogram).
+Which steps: every ``histogram_every`` steps (default: the first multiple of ``every`` from 100 on), the last
+step of a report interval, counted alike on every rank, so that under torch.distributed one all_reduce sums the
+counts across ranks at that step (the global histogram). Not every report by default: on CPU one histogram per
+10 steps measured 1.5-3% of a step (``bench/client_overhead.py``), above the 1% budget.
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ def offline(model: nn.Module, tmp_path: Path, **kwargs) -> layerwatch.Monitor:
 def test_the_last_step_of_each_report_ships_activation_and_gradient_counts(tmp_path):
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
-    mon = offline(model, tmp_path, every=3)
+    mon = offline(model, tmp_path, every=3, histogram_every=3)
     seen: dict[int, dict[str, list[int]]] = {}
     for step in range(6):
         x = torch.randn(5, 8)
@@ -135,7 +135,7 @@ def _worker(rank: int, world: int, port: int, spool_dir: str, branch: bool) -> N
     try:
         torch.manual_seed(0)  # the same weights on both ranks
         model = DistributedDataParallel(Branchy())
-        mon = layerwatch.watch(model, mode="offline", spool_dir=spool_dir, every=2)
+        mon = layerwatch.watch(model, mode="offline", spool_dir=spool_dir, every=2, histogram_every=2)
         for step in range(2):
             x = torch.full((3, 4), float(rank + 1)) * (step + 1)
             model(x, branch and rank == 1).sum().backward()
@@ -165,3 +165,10 @@ def test_under_ddp_rank_0_sends_the_histograms_summed_over_ranks(tmp_path: Path,
     assert relu["step"] == 1 and [*relu["counts"], relu["nan"]] == expected_relu((0,) if branch else (0, 1))
     grad = next(e for e in entries if e["kind"] == "gradient" and e["layer"] == "fc")
     assert sum(grad["counts"]) == 4 * 6 + 6  # the (averaged) gradient once, not once per rank
+
+
+def test_default_spacing_is_a_multiple_of_every_from_100_steps():
+    assert layerwatch.Config.resolve(mode="offline").histogram_every_steps == 100
+    assert layerwatch.Config.resolve(mode="offline", every=30).histogram_every_steps == 120
+    assert layerwatch.Config.resolve(mode="offline", every=250).histogram_every_steps == 250
+    assert layerwatch.Config.resolve(mode="offline", every=30, histogram_every=0).histogram_every_steps == 0

@@ -30,7 +30,7 @@ def test_real_client_counts_survive_wire_and_storage(client, token, tmp_path: Pa
     project = unique()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
-    mon = layerwatch.watch(model, project=project, mode="offline", spool_dir=str(tmp_path), every=2)
+    mon = layerwatch.watch(model, project=project, mode="offline", spool_dir=str(tmp_path), every=2, histogram_every=2)
     for _ in range(6):
         x = torch.randn(16, 8) * 1e3
         model(x).pow(2).mean().backward()

@@ -9,7 +9,7 @@ Creates a database (dropped at the end), migrates it, registers the run and its 
 the load costs the database's own work only) and ``ANALYZE``. Then it times ``storage.queries.series``, what
 ``GET /api/v1/runs/{id}/series`` runs, for layers spread over the model: the whole run downsampled to
 ``--max-points``, and a window of the last 1,000 steps. Prints the load rate, the table's size per row, and
-the query times (median and worst of ``--repeat`` each).
+the query times (median and worst of ``--repeat`` each); ``--cluster`` times them again after ``CLUSTER``.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--slice-steps", type=int, default=2_500, help="steps per INSERT .. SELECT transaction")
     ap.add_argument("--max-points", type=int, default=1000)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--cluster", action="store_true", help="then CLUSTER the table by its key and time again")
     args = ap.parse_args()
 
     name = f"lw_series_{uuid.uuid4().hex[:8]}"
@@ -99,14 +100,28 @@ def main() -> None:
                 engine, run_id, layer=layer, stat="act_std", rank=0, start=start, end=None, max_points=args.max_points
             )
 
-        for layer in (names[0], names[len(names) // 2], names[-1]):
-            whole = timed(lambda layer=layer: query(layer, None), args.repeat)
-            window = timed(lambda layer=layer: query(layer, args.steps - 1000), args.repeat)
-            print(
-                f"series {layer:24s} whole run ({args.steps:,} points -> {whole[2]}): "
-                f"median {whole[0]:.1f} ms, worst {whole[1]:.1f} ms;  last 1,000 steps: "
-                f"median {window[0]:.1f} ms, worst {window[1]:.1f} ms"
-            )
+        def report(label: str) -> None:
+            for layer in (names[0], names[len(names) // 2], names[-1]):
+                whole = timed(lambda layer=layer: query(layer, None), args.repeat)
+                window = timed(lambda layer=layer: query(layer, args.steps - 1000), args.repeat)
+                print(
+                    f"{label} series {layer:14s} whole run ({args.steps:,} points -> {whole[2]}): "
+                    f"median {whole[0]:.1f} ms, worst {whole[1]:.1f} ms;  last 1,000 steps: "
+                    f"median {window[0]:.1f} ms, worst {window[1]:.1f} ms",
+                    flush=True,
+                )
+
+        report("as ingested")
+        if args.cluster:
+            # Ingest writes a step's rows of every layer side by side, so one layer's points lie one per heap
+            # page; CLUSTER lays them out in primary-key order, one layer's series on consecutive pages.
+            t0 = time.perf_counter()
+            with engine.connect() as conn:
+                conn.execution_options(isolation_level="AUTOCOMMIT").execute(
+                    text("CLUSTER layer_stats USING pk_layer_stats")
+                )
+            print(f"CLUSTER layer_stats USING pk_layer_stats: {time.perf_counter() - t0:.0f} s", flush=True)
+            report("clustered  ")
     finally:
         if engine is not None:
             engine.dispose()

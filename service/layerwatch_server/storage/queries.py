@@ -6,7 +6,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Row, Select, func, select
+from sqlalchemy import Connection, Double, Engine, Select, cast, func, select
+from sqlalchemy.dialects.postgresql import array
 
 from layerwatch import wire
 from layerwatch_server.storage.base import db_float
@@ -296,31 +297,35 @@ def downsample(points: Sequence[dict[str, Any]], max_points: int) -> list[dict[s
     return out
 
 
-def _downsampled_in_postgresql(conn: Connection, raw: Select[Any], max_points: int) -> Sequence[Row[Any]]:
-    """What :func:`downsample` keeps, chosen by PostgreSQL: only the kept rows cross the connection.
+def _downsampled_in_postgresql(conn: Connection, raw: Select[Any], max_points: int) -> list[tuple[int, float]]:
+    """What :func:`downsample` keeps, chosen by PostgreSQL: only the kept points cross the connection.
 
     A run of 10M layer-rows has ~50k points per layer; sending them all and bucketing in Python took ~1 s.
-    Same buckets (point ``i`` of ``n`` in bucket ``((i + 1) * buckets - 1) // n``), the same first minimum
-    and first maximum in step order; PostgreSQL, too, orders NaN above +Inf.
+    Same buckets (point ``i`` of ``n`` in bucket ``((i + 1) * buckets - 1) // n``); per bucket one pass of
+    ``min``/``max`` over ``[value, step]`` arrays picks the first minimum and the first maximum in step order
+    (window functions that rank each bucket sorted every point twice: ~200 ms at 50k). PostgreSQL, too,
+    orders NaN above +Inf.
     """
     buckets = max(1, max_points // 2)
     pts = raw.order_by(raw.selected_columns[0]).limit(MAX_POINTS).subquery()
     step, value = pts.c[0], pts.c[1]
     n = func.count().over()
     numbered = select(
-        step.label("step"),
         value.label("value"),
+        cast(step, Double).label("step"),
         n.label("n"),
         ((func.row_number().over(order_by=step) * buckets - 1) // n).label("bucket"),
     ).subquery()
-    b, v, s = numbered.c.bucket, numbered.c.value, numbered.c.step
-    ranked = select(
-        numbered,
-        func.row_number().over(partition_by=b, order_by=(v, s)).label("lo"),
-        func.row_number().over(partition_by=b, order_by=(v.desc(), s)).label("hi"),
-    ).subquery()
-    keep = (ranked.c.n <= max_points) | (ranked.c.lo == 1) | (ranked.c.hi == 1)
-    return conn.execute(select(ranked.c.step, ranked.c.value).where(keep).order_by(ranked.c.step)).all()
+    v, st = numbered.c.value, numbered.c.step
+    groups = conn.execute(
+        select(func.min(array([v, st])), func.max(array([v, -st])), func.max(numbered.c.n)).group_by(
+            numbered.c.bucket
+        )
+    ).all()
+    if not groups or groups[0][2] <= max_points:
+        return [(s, v) for s, v in conn.execute(raw.order_by(raw.selected_columns[0]).limit(MAX_POINTS))]
+    kept = {int(lo[1]): lo[0] for lo, _, _ in groups} | {int(-hi[1]): hi[0] for _, hi, _ in groups}
+    return sorted(kept.items())
 
 
 def latest(engine: Engine, run_id: str, *, rank: int, lookback: int) -> dict[str, Any]:

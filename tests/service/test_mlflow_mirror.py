@@ -247,3 +247,21 @@ def test_backfill_command(collector, mlflow_url):
     assert result.exit_code == 0, result.output
     ml_id = source.pending_runs(engine, 1, run_id)[0].mlflow_run_id
     assert _mlflow(target).get_run(ml_id).info.status == "FINISHED"
+
+
+def test_mirror_command_runs_alone_and_stops_on_sigterm(collector, mlflow_url, tmp_path):
+    """``layerwatch-server mirror``: the mirror as a Deployment of its own (no collector in its process)."""
+    client, engine = collector
+    run_id = post(client, make_batch(unique("run"), steps=range(3), end="finished")).json()["run_id"]
+    env = {**os.environ, "LAYERWATCH_MLFLOW_INTERVAL_S": "0.5"}
+    cmd = [sys.executable, "-m", "layerwatch_server.cli", "mirror", "--db", str(engine.url)]
+    with open(tmp_path / "mirror.log", "wb") as log:
+        proc = subprocess.Popen([*cmd, "--mlflow-tracking-uri", mlflow_url], env=env, stdout=log, stderr=log)
+    try:
+        wait_until(lambda: source.pending_runs(engine, 1, run_id)[0].cursor == 2, 60, "the command to mirror the run")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=30)
+    assert rc == 0, (tmp_path / "mirror.log").read_text()
+    ml_id = source.pending_runs(engine, 1, run_id)[0].mlflow_run_id
+    assert _mlflow(mlflow_url).get_run(ml_id).info.status == "FINISHED"

@@ -26,7 +26,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from layerwatch import delivery, spool, transport
+from layerwatch import delivery, spool, terminal_map, transport
 
 console = Console(stderr=True)
 out = Console()
@@ -368,7 +368,8 @@ def _status(status: str | None) -> str:
 @click.argument("run_id")
 @url_option
 @token_option
-def show(run_id: str, url: str, token: str | None) -> None:
+@click.option("--map", "as_map", is_flag=True, help="A coloured layers x steps map of the worst statistic instead.")
+def show(run_id: str, url: str, token: str | None, as_map: bool) -> None:
     """Show one run (RUN_ID: its id, or the start of it): configuration, ranks, layers and open alerts."""
     run = _get(url, _run_path(run_id), token)
     run_id = run["id"]
@@ -377,6 +378,12 @@ def show(run_id: str, url: str, token: str | None) -> None:
         f"{_status(run.get('status'))}, steps {_fmt(run.get('first_step'))}..{_fmt(run.get('last_step'))}, "
         f"last seen {_ago(run.get('last_seen'))}"
     )
+    if as_map:
+        columns = max(10, min(200, out.width - terminal_map.LABEL - 2))
+        data = _get(url, _run_path(run_id) + "/health_map", token, columns=columns)
+        for line in terminal_map.lines(data):
+            out.print(line)
+        return
     if run.get("mlflow_run_id"):
         out.print(f"MLflow run: {run['mlflow_run_id']}")
     if run.get("nonfinite_origin"):

@@ -60,3 +60,28 @@ def test_pictures_are_png(engine, stored_run):
     assert found["steps"] == [4, 9, 14, 19]
     picture = Image.open(io.BytesIO(pictures.render_distribution(found, title="1")))
     assert picture.format == "PNG" and picture.width > 300
+
+
+def test_health_map_route_and_the_terminal_map(client, token, engine, stored_run):
+    from rich.console import Console
+
+    from layerwatch import terminal_map
+
+    run = pictures.health_map(engine, stored_run, columns=10)
+    url = f"/api/v1/runs/{stored_run}/health_map"
+    assert client.get(url, params={"columns": 10}).status_code == 401
+    from layerwatch_server.storage import queries
+
+    auth = {"Authorization": f"Bearer {token(queries.run_project(engine, stored_run), 'read')}"}
+    data = client.get(url, params={"columns": 10}, headers=auth).json()
+    assert data["steps"] == run.steps and [p["rows"] for p in data["panels"]] == [p.rows for p in run.panels]
+    rows, cells, _ = terminal_map.worst(data)
+    assert rows == ["0", "1", "2"] and cells[1] == [0.5] * 10  # the half-dead ReLU: red all along
+    console = Console(record=True, width=60, color_system="truecolor")
+    for line in terminal_map.lines(data):
+        console.print(line)
+    text = console.export_text()
+    assert f"steps {data['steps'][0]}..{data['steps'][-1]}" in text and "alert began" in text
+    relu = terminal_map.lines(data)[2]
+    assert relu.plain.strip().startswith("1") and {span.style for span in relu.spans} == {"red"}
+    assert client.get(f"/api/v1/runs/{stored_run}/health_map", headers=auth, params={"columns": 0}).status_code == 422

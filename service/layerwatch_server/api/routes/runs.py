@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.responses import JSONResponse
 
+from layerwatch_server import pictures
 from layerwatch_server.api.deps import GrantDep, StateDep, authorize, covered_projects, readable_projects
 from layerwatch_server.api.schemas import Problem, ProjectOut, RunDetail, RunOut, Series
 from layerwatch_server.rules.evaluate import dead_judged
@@ -114,6 +116,27 @@ def get_histograms(
     authorize(grant, queries.run_project(state.engine, run_id), "read")
     found = histograms.read(state.engine, run_id, layer=layer, kind=kind, start=start, end=end, max_points=max_points)
     return JSONResponse({"run_id": run_id, "layer": layer, "kind": kind, **found})
+
+
+@router.get(
+    "/runs/{run_id}/health_map",
+    responses={404: {"model": Problem}},
+    description="The run's health map as numbers (what `layerwatch show RUN --map` draws): per panel "
+    "(`dead_frac`, `log10 grad_norm` per parameter-owning module, `sat_frac`) its rows in model order and "
+    "`values[row][column]`, the worst value of each column's steps (null: nothing measured); `steps` names "
+    "each column by its last step; `onsets`: [row, column] of each alert's onset.",
+)
+def get_health_map(
+    state: StateDep,
+    grant: GrantDep,
+    run_id: RunRef,
+    columns: Annotated[int, Query(ge=1, le=2000)] = 200,
+    rank: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+) -> Any:
+    run_id = queries.resolve_run_id(state.engine, run_id, covered_projects(grant))
+    authorize(grant, queries.run_project(state.engine, run_id), "read")
+    data = pictures.health_map(state.engine, run_id, rank=rank, columns=columns)
+    return JSONResponse(finite_json({"run_id": run_id, **dataclasses.asdict(data)}))
 
 
 @router.get(

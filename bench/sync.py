@@ -1,7 +1,7 @@
 """`layerwatch sync` of an offline run against the embedded default collector: layer-rows/s for the whole command.
 
-    python bench/sync.py                       # ~1 min: 100 layers x 400 steps, mirror on and off
-    python bench/sync.py --steps 100 --repeats 1
+    python bench/sync.py                       # 5 rounds of 4 settings, a fresh collector each: ~3-5 min here
+    python bench/sync.py --repeats 1 --mirror off
 
 The run is made by the real client in offline mode (a 50-block Linear+ReLU MLP: 100 watched layers, 100
 parameters, ``every=10``). Each measurement copies its spool, starts a fresh ``layerwatch-server serve`` on a new

@@ -56,10 +56,11 @@ def main() -> None:
 @click.option("--retries", default=8, show_default=True, help="Attempts per batch on retryable errors.")
 @click.option(
     "--in-flight",
-    default=4,
+    default=1,
     show_default=True,
     type=click.IntRange(1, 32),
-    help="Batches on their way at once. 1 keeps each rank's batches in order, the order the alert rules evaluate.",
+    help="Batches on their way at once. Above 1 a rank's batches may be stored out of order, and the collector's "
+    "alert rules pass over a late batch's steps.",
 )
 @click.option("--rejected", "resend_rejected", is_flag=True, help="Also resend the batches set aside in rejected/.")
 def sync(
@@ -68,8 +69,8 @@ def sync(
     """Upload the spooled batches under DIRECTORY (an offline run, or what a run left behind).
 
     Uploading twice is harmless: the collector ignores steps it already has. Batches go --in-flight at a
-    time; a spool's last batch (a run's end) goes after all the others, and what is marked delivered on disk
-    never passes a batch still on its way, so a sync that is stopped resends rather than skips. Batches the
+    time over kept-alive connections; a spool's last batch (a run's end) goes after all the others, and what is
+    marked delivered on disk never passes a batch still on its way, so a stopped sync resends, never skips. Batches the
     collector refuses as malformed are set aside in rejected/ (listed here; --rejected resends them) and the
     rest go on. Exits 1 when anything was not delivered.
     """

@@ -42,7 +42,6 @@ COLLECTOR_TIERS: dict[str, int] = {
 }
 # Edges that break the direction today, to be removed by the redesign of issue #17 (never added to).
 COLLECTOR_DEBT: set[tuple[str, str]] = {
-    ("core", "storage"),  # core.state builds the engine and ingestor
     ("rules", "notify"),  # rules.service queues notifications and owns the sender
     ("notify", "rules"),  # payloads and routes read rule config and lifecycle
     ("mirrors", "rules"),

@@ -14,9 +14,10 @@ from sqlalchemy import Engine
 
 from layerwatch_server.api import errors
 from layerwatch_server.api.routes import alerts, health, ingest, metrics, rules, runs
+from layerwatch_server.api.state import AppState
 from layerwatch_server.core.batch import Batch
 from layerwatch_server.core.config import Settings
-from layerwatch_server.core.state import Admission, AppState, TokenCache
+from layerwatch_server.core.state import Admission
 from layerwatch_server.jobs.hooks import run_hooks
 from layerwatch_server.jobs.retention import retention_job
 from layerwatch_server.jobs.scheduler import Scheduler
@@ -27,6 +28,7 @@ from layerwatch_server.rules import install as install_alerting
 from layerwatch_server.storage.engine import Checkpointer, make_engine
 from layerwatch_server.storage.ingest import Ingestor
 from layerwatch_server.storage.migrations import head_revisions
+from layerwatch_server.storage.tokens import TokenCache
 
 log = logging.getLogger("layerwatch_server")
 

@@ -8,7 +8,7 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
-from layerwatch_server.core.state import AppState
+from layerwatch_server.api.state import AppState
 from layerwatch_server.storage.models import ALL_PROJECTS
 from layerwatch_server.storage.tokens import Grant
 

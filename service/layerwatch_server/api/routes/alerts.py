@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from layerwatch_server.api.deps import GrantDep, StateDep, authorize, authorize_resource, readable_projects
 from layerwatch_server.api.schemas import Problem
-from layerwatch_server.core.state import AppState
+from layerwatch_server.api.state import AppState
 from layerwatch_server.notify.outbox import attempts_for
 from layerwatch_server.rules.lifecycle import alert_dict
 from layerwatch_server.storage import queries

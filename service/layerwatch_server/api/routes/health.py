@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from layerwatch_server.api.deps import StateDep
-from layerwatch_server.core.state import AppState
+from layerwatch_server.api.state import AppState
 from layerwatch_server.jobs.scheduler import replica_id
 from layerwatch_server.storage.migrations import current_revisions
 

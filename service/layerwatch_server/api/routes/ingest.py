@@ -13,8 +13,8 @@ from layerwatch import wire
 from layerwatch_server.api.deps import GrantDep, StateDep, authorize
 from layerwatch_server.api.errors import PayloadTooLarge, Unstorable, UnsupportedMedia
 from layerwatch_server.api.schemas import IngestResponse, Problem
+from layerwatch_server.api.state import AppState
 from layerwatch_server.core.batch import Batch
-from layerwatch_server.core.state import AppState
 from layerwatch_server.storage.ingest import TooManySeries
 from layerwatch_server.storage.tokens import Grant
 

@@ -68,19 +68,25 @@ def codes(t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
 
 
 _EXACT_CHUNK = 1 << 24  # float32 counts are exact up to here
+CPU_CHUNK = 1 << 18  # elements per bincount on CPU: their codes (int64) stay in cache, the buffer small
 
 
-def count_codes(t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """(CODES,) int64 counts of the codes of ``t``'s elements.
+def count_codes(t: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """(CODES,) int64 counts of the codes of ``t``'s elements. ``scratch``: a CPU int64 buffer of CPU_CHUNK
+    elements for the codes (fresh large temporaries page-fault in on every call: see stats.Scratch).
 
     On CUDA ``bincount`` reads its input's maximum back to the host (a sync per call), so there the codes are
     counted with ``histc`` over a fixed range (no sync), in float32 chunks small enough to count exactly."""
-    code = codes(t, out)
-    if not code.is_cuda:
-        return torch.bincount(code, minlength=CODES)
-    total = torch.zeros(CODES, dtype=torch.int64, device=code.device)
-    for chunk in code.split(_EXACT_CHUNK):
-        total += torch.histc(chunk.float(), bins=CODES, min=0, max=CODES).long()
+    flat = t.reshape(-1)
+    if flat.is_cuda:
+        total = torch.zeros(CODES, dtype=torch.int64, device=flat.device)
+        for chunk in codes(flat).split(_EXACT_CHUNK):
+            total += torch.histc(chunk.float(), bins=CODES, min=0, max=CODES).long()
+        return total
+    total = torch.zeros(CODES, dtype=torch.int64)
+    for chunk in flat.split(CPU_CHUNK):
+        out = scratch.narrow(0, 0, chunk.numel()) if scratch is not None else None
+        total += torch.bincount(codes(chunk, out), minlength=CODES)
     return total
 
 
@@ -136,7 +142,7 @@ class Histograms:
     param_rows: list[int]  # per watched parameter, its module's row
     due: bool = False
     _acts: torch.Tensor | None = field(default=None, repr=False)  # (layer capacity, CODES) int64
-    _scratch: torch.Tensor | None = field(default=None, repr=False)  # (largest numel,) int64, CPU
+    _scratch: torch.Tensor | None = field(default=None, repr=False)  # (CPU_CHUNK,) int64
 
     @classmethod
     def for_params(cls, names: list[str]) -> Histograms:
@@ -162,13 +168,12 @@ class Histograms:
         acts[index] += count_codes(a, self._out(a))
 
     def _out(self, a: torch.Tensor) -> torch.Tensor | None:
-        """A reused int64 buffer for the codes on CPU, as large as the largest tensor counted: fresh large
-        temporaries page-fault in on every call (see stats.Scratch), and bincount counts int64 codes fastest."""
+        """The reused CPU buffer for the codes of one chunk (bincount counts int64 codes fastest)."""
         if not a.is_cpu or a.dtype not in (torch.float32, torch.bfloat16):
             return None
-        if self._scratch is None or self._scratch.numel() < a.numel():
-            self._scratch = torch.empty(a.numel(), dtype=torch.int64)
-        return self._scratch.narrow(0, 0, a.numel()).view(a.shape)
+        if self._scratch is None:
+            self._scratch = torch.empty(CPU_CHUNK, dtype=torch.int64)
+        return self._scratch
 
     def take(
         self,

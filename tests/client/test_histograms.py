@@ -52,6 +52,16 @@ def test_counts_equal_bucketize(dtype):
     assert histograms.histogram(x).tolist() == reference(x)
 
 
+def test_counting_in_chunks_into_a_reused_buffer():
+    x = torch.cat([awkward()] * 160)  # > 2 chunks, the last one partial
+    assert x.numel() > 2 * histograms.CPU_CHUNK
+    h = histograms.Histograms.for_params([])
+    h.add_activation(0, x)
+    h.add_activation(0, x[:1000].view(10, 100))  # a second call adds up, through the same buffer
+    counts = histograms.fold(h._acts[:1])[0].tolist()
+    assert counts == [a + b for a, b in zip(reference(x), reference(x[:1000]), strict=True)]
+
+
 def test_counts_equal_histc_where_its_bins_are_ours():
     # torch.histc over one octave's range puts [1, 2) in its first bin alone when given the same edges.
     x = torch.rand(10_000) * 8  # [0, 8): octaves [1, 2), [2, 4), [4, 8) and smaller

@@ -44,9 +44,7 @@ COLLECTOR_TIERS: dict[str, int] = {
 COLLECTOR_DEBT: set[tuple[str, str]] = {
     ("rules", "notify"),  # rules.service queues notifications and owns the sender
     ("notify", "rules"),  # payloads and routes read rule config and lifecycle
-    ("mirrors", "rules"),
     ("mirrors", "jobs"),
-    ("observability", "rules"),
 }
 
 

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from layerwatch_server.rules.evaluate import PRE_ACTIVATIONS
+from layerwatch_server.core.layers import PRE_ACTIVATIONS
 
 MAX_KEY_LEN = 250  # MLflow's limit on metric/param/tag keys
 MAX_PARAM_VALUE_LEN = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH

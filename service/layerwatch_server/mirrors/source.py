@@ -216,7 +216,7 @@ def reset(engine: Engine, run_id: str) -> None:
 
 def alert_changes(engine: Engine, since: dt.datetime) -> dict[str, tuple[str, list[dict[str, Any]]]]:
     """Mirrored runs whose alerts changed since ``since``: run id -> (MLflow run id, all its alerts)."""
-    from layerwatch_server.rules.lifecycle import alert_dict
+    from layerwatch_server.storage.alerts import alert_dict
     from layerwatch_server.storage.models import AlertRow
 
     changed_at = func.coalesce(AlertRow.resolved_at, AlertRow.fired_at, AlertRow.started_at)

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from layerwatch_server.notify.payload import build
 from layerwatch_server.rules.config import AlertingConfig
-from layerwatch_server.rules.evaluate import Obs
+from layerwatch_server.storage.alerts import Obs
 from layerwatch_server.storage.models import AlertRow, OutboxRow, Silence
 
 LEASE_S = 60.0

@@ -12,8 +12,7 @@ from sqlalchemy import Connection, select
 from sqlalchemy.orm import Session
 
 from layerwatch_server.rules.config import Notify
-from layerwatch_server.rules.evaluate import Obs
-from layerwatch_server.rules.lifecycle import alert_dict
+from layerwatch_server.storage.alerts import Obs, alert_dict
 from layerwatch_server.storage.base import finite_json
 from layerwatch_server.storage.models import AlertRow, Layer, Param, Run, layer_stats, param_stats
 

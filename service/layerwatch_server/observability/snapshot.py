@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 
 from layerwatch import wire
 from layerwatch_server.core.batch import Batch
-from layerwatch_server.rules.evaluate import dead_judged
+from layerwatch_server.core.layers import dead_judged
 
 RUN_LABELS = ["project", "run"]
 _STEP_STATS = wire.STEP_STATS

@@ -11,26 +11,16 @@ from __future__ import annotations
 import math
 import operator
 import statistics
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from layerwatch import wire
 from layerwatch_server.core.batch import Batch, StepIn
+from layerwatch_server.core.layers import PRE_ACTIVATIONS, dead_judged
 from layerwatch_server.rules.spec import Rule
+from layerwatch_server.storage.alerts import Obs
 
 OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le, "==": operator.eq, "!=": operator.ne}
-
-
-@dataclass
-class Obs:
-    rule: str
-    layer: str  # "" for run-level
-    breach: bool
-    value: float | None = None
-    threshold: float | None = None
-    message: str = ""
-    series: tuple[str, str, str] | None = None  # ("layer"|"param", name, stat) for evidence
 
 
 @dataclass
@@ -70,27 +60,6 @@ def view(batch: Batch, s: StepIn, detailed: bool = True) -> StepView:
 
 
 PRE_ACTIVATION_DEAD = 0.9  # dead_units' bar for a Linear/Conv output judged as if a functional ReLU followed
-PRE_ACTIVATIONS = frozenset(
-    {"Linear", "Bilinear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"}
-)
-
-
-def dead_judged(layers: Iterable[tuple[int, str, str]]) -> set[str]:
-    """Names of the layers, given as (index, name, type), whose dead_frac is a finding of its own. A Linear/Conv
-    output counts as dead when never positive only because a functional ``F.relu`` may follow it: when the next
-    watched layer (in execution order) is an activation module, that module reports the same units itself (or,
-    for tanh/GELU..., "never positive" is no death at all); the model's last layer is an output head, whose
-    outputs may well all be negative."""
-    ordered = sorted(layers)
-    judged = set()
-    for i, (_, name, type_) in enumerate(ordered):
-        if type_ not in PRE_ACTIVATIONS:
-            judged.add(name)
-        elif i + 1 < len(ordered) and ordered[i + 1][2] in PRE_ACTIVATIONS:
-            judged.add(name)  # followed by no activation module: a functional one, if any, sits in between
-    return judged
-
-
 def needs_detail(batch: Batch, s: StepIn) -> tuple[bool, bool]:
     """(is a report step's layer data present, is anything non-finite) from the raw rows, without building
     dicts: a dead-unit window ends here, or a NaN/Inf is anywhere in the step. Columns are scanned in C (this

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from layerwatch_server.rules.evaluate import Obs
+from layerwatch_server.storage.alerts import Obs
 from layerwatch_server.storage.models import AlertRow
 
 Page = Callable[[Any, str, "Obs | None", list[str]], None]  # (alert, firing|resolved, obs, the incident's layers)

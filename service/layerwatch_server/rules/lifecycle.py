@@ -16,40 +16,13 @@ from __future__ import annotations
 import datetime as dt
 import secrets
 from collections.abc import Callable
-from typing import Any
 
-from layerwatch_server.rules.evaluate import Obs
 from layerwatch_server.rules.spec import Rule
+from layerwatch_server.storage.alerts import Obs
 from layerwatch_server.storage.models import OPEN_ALERT_STATES, AlertRow
 
 OPEN = OPEN_ALERT_STATES
 Transition = Callable[[AlertRow, str, Obs | None], None]  # (alert, "firing"|"resolved", obs)
-
-
-def alert_dict(a: AlertRow) -> dict[str, Any]:
-    """The public shape of an alert (API, ingest response, notifications)."""
-    return {
-        "id": a.id,
-        "rule": a.rule,
-        "severity": a.severity,
-        "state": a.state,
-        "run_id": a.run_id,
-        "project": a.project,
-        "rank": a.rank,
-        "layer": a.layer_key or None,
-        "step": a.step,
-        "value": a.value,
-        "threshold": a.threshold,
-        "message": a.message,
-        "episode": a.episode,
-        "started_at": _iso(a.started_at),
-        "fired_at": _iso(a.fired_at),
-        "resolved_at": _iso(a.resolved_at),
-    }
-
-
-def _iso(t: dt.datetime | None) -> str | None:
-    return t.isoformat() if t is not None else None
 
 
 class Lifecycle:

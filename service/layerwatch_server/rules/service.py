@@ -28,9 +28,10 @@ from layerwatch_server.notify.outbox import enqueue
 from layerwatch_server.notify.sender import Sender
 from layerwatch_server.rules import incidents, store
 from layerwatch_server.rules.config import AlertingConfig
-from layerwatch_server.rules.evaluate import Obs, evaluate_step, needs_detail, view
-from layerwatch_server.rules.lifecycle import OPEN, Lifecycle, alert_dict
+from layerwatch_server.rules.evaluate import evaluate_step, needs_detail, view
+from layerwatch_server.rules.lifecycle import OPEN, Lifecycle
 from layerwatch_server.rules.spec import Rule, merge
+from layerwatch_server.storage.alerts import Obs, alert_dict
 from layerwatch_server.storage.base import LRU, UTCDateTime, dialect_insert, finite_json, utcnow
 from layerwatch_server.storage.engine import writer
 from layerwatch_server.storage.ingest import Ingestor, IngestResult

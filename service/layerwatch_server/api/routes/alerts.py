@@ -20,8 +20,8 @@ from layerwatch_server.api.deps import GrantDep, StateDep, authorize, authorize_
 from layerwatch_server.api.schemas import Problem
 from layerwatch_server.api.state import AppState
 from layerwatch_server.notify.outbox import attempts_for
-from layerwatch_server.rules.lifecycle import alert_dict
 from layerwatch_server.storage import queries
+from layerwatch_server.storage.alerts import alert_dict
 from layerwatch_server.storage.base import finite_json, utcnow
 from layerwatch_server.storage.engine import writer
 from layerwatch_server.storage.models import ALL_PROJECTS, AlertRow, Silence

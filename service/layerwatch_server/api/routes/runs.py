@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from layerwatch_server import pictures
 from layerwatch_server.api.deps import GrantDep, StateDep, authorize, covered_projects, readable_projects
 from layerwatch_server.api.schemas import Problem, ProjectOut, RunDetail, RunOut, Series
-from layerwatch_server.rules.evaluate import dead_judged
+from layerwatch_server.core.layers import dead_judged
 from layerwatch_server.storage import histograms, queries
 from layerwatch_server.storage.base import finite_json
 from layerwatch_server.storage.models import RUN_STATUSES

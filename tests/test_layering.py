@@ -19,7 +19,7 @@ COLLECTOR = ROOT / "service" / "layerwatch_server"
 
 # The client: monitor -> recorder -> stats, monitor -> exporter -> (spool | transport | wire).
 CLIENT_TIERS: dict[str, int] = {
-    **dict.fromkeys(["wire", "stats", "alerts", "config", "syncs", "tripwire", "spool"], 0),
+    **dict.fromkeys(["wire", "stats", "alerts", "config", "syncs", "tripwire", "spool", "terminal_map"], 0),
     **dict.fromkeys(["transport", "layers", "distributed"], 1),
     **dict.fromkeys(["delivery", "histograms"], 2),
     "recorder": 3,
@@ -44,7 +44,6 @@ COLLECTOR_TIERS: dict[str, int] = {
 COLLECTOR_DEBT: set[tuple[str, str]] = {
     ("rules", "notify"),  # rules.service queues notifications and owns the sender
     ("notify", "rules"),  # payloads and routes read rule config and lifecycle
-    ("mirrors", "jobs"),
 }
 
 

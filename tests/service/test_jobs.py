@@ -11,8 +11,8 @@ from sqlalchemy import func, select
 from layerwatch_server.app import create_app
 from layerwatch_server.core.config import Settings
 from layerwatch_server.jobs.retention import roll_up
-from layerwatch_server.jobs.scheduler import run_once
 from layerwatch_server.storage.models import Rollup, layer_stats, step_stats
+from layerwatch_server.storage.ticks import run_once
 
 from .batches import make_batch, post, unique
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import Engine
 
-from layerwatch_server.jobs.scheduler import JobFn
+from layerwatch_server.storage.ticks import JobFn
 
 
 def run_hooks(hooks: list[JobFn]) -> JobFn:

@@ -18,10 +18,10 @@ from typing import Any
 from sqlalchemy import Connection, Engine, delete, func, select
 
 from layerwatch import wire
-from layerwatch_server.jobs.scheduler import JobFn
 from layerwatch_server.storage.base import db_float, dialect_insert
 from layerwatch_server.storage.engine import writer
 from layerwatch_server.storage.models import Layer, Param, Rollup, layer_stats, param_stats, step_stats
+from layerwatch_server.storage.ticks import JobFn
 
 log = logging.getLogger("layerwatch_server.jobs")
 

@@ -7,7 +7,7 @@ started again (1 s, 2 s, ... 60 s apart), and it stops with the collector (or by
 is gone). ``layerwatch-server mirror`` runs the same loop in the foreground (:func:`serve`), for a
 Deployment of its own.
 
-Nothing about what is mirrored changes: the loop runs the mirror's job through ``jobs.scheduler.run_once``
+Nothing about what is mirrored changes: the loop runs the mirror's job through ``storage.ticks.run_once``
 every ``mlflow_interval_s``, so one process per tick mirrors whatever the number of replicas, and the cursor
 lives in the database (``mlflow_mirror``): a restarted child reads the rows past it and carries on, and a
 tick cut short is sent again (MLflow keeps one value per key, step and timestamp). The child's counters live
@@ -65,8 +65,8 @@ def run_loop(job: MirrorJob, stop: Any, counters: Any = None, *, alive: Any = No
     A failing tick (database away, a bug) is logged and the next tick tries again; MLflow being away is the
     mirror's own business (it backs off and keeps its cursor).
     """
-    from layerwatch_server.jobs.scheduler import replica_id, run_once
     from layerwatch_server.storage.engine import make_engine
+    from layerwatch_server.storage.ticks import replica_id, run_once
 
     # The collector's checkpointer moves the SQLite WAL; the mirror's small cursor commits never do.
     engine = make_engine(job.db_url, timeout_s=job.db_timeout_s, pool_size=2, background_checkpoint=True)

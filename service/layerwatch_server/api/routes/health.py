@@ -11,8 +11,8 @@ from sqlalchemy import text
 
 from layerwatch_server.api.deps import StateDep
 from layerwatch_server.api.state import AppState
-from layerwatch_server.jobs.scheduler import replica_id
 from layerwatch_server.storage.migrations import current_revisions
+from layerwatch_server.storage.ticks import replica_id
 
 router = APIRouter(tags=["health"])
 _REPLICA = replica_id()

@@ -4,7 +4,10 @@
     python bench/client_overhead.py --steps 300 --models mlp
     python bench/client_overhead.py --compile --models gpt2,cnn   # eager and compiled, side by side
 
-Prints, per model: bare and instrumented median step time (default settings, and every=1), their ratios,
+Prints, per model: bare and instrumented median step time (default settings, the same without histograms,
+and every=1), their ratios, what the histograms add per step, from the mean step time with a histogram at every
+report vs none (per round, side by side: a cost once per report hides from a median of steps), at every report
+and at the default spacing (target <= 1% of a step),
 host synchronisations per step made by the client on the training thread (must be 0), and the client's
 extra device memory and host RSS. Targets: ratio <= 1.10 on CPU, <= 1.05 on GPU, 0 syncs per step.
 Bare and instrumented steps alternate in blocks so drift of the machine hits both alike.
@@ -164,7 +167,7 @@ def bench_model(name: str, build, device: torch.device, steps: int, block: int, 
     model, x, y = model.to(device), x.to(device), y.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     timed_steps(model, opt, x, y, 5)  # warm-up: allocator, kernels, autotuning
-    results: dict[str, list[float]] = {"bare": [], "every=10": [], "every=1": []}
+    results: dict[str, list[float]] = {k: [] for k in ("bare", "every=10", "no histograms", "each report", "every=1")}
     monitors = {
         "every=10": layerwatch.watch(model, run_name=f"bench-{name}", mode="offline", spool_dir=spool),
     }
@@ -175,6 +178,12 @@ def bench_model(name: str, build, device: torch.device, steps: int, block: int, 
     monitors["every=10"].close()
     monitors["every=1"] = layerwatch.watch(model, run_name=f"bench-{name}-1", mode="offline", spool_dir=spool, every=1)
     monitors["every=10"] = layerwatch.watch(model, run_name=f"bench-{name}", mode="offline", spool_dir=spool)
+    monitors["no histograms"] = layerwatch.watch(  # every=10 as well: what the histograms cost, side by side
+        model, run_name=f"bench-{name}-nohist", mode="offline", spool_dir=spool, histogram_every=0
+    )
+    monitors["each report"] = layerwatch.watch(
+        model, run_name=f"bench-{name}-hist", mode="offline", spool_dir=spool, histogram_every=10
+    )
     # Alternate blocks; a monitor not being measured is paused by detaching its hooks.
     rounds = max(steps // block, 1)
     for _ in range(rounds):
@@ -198,9 +207,16 @@ def bench_model(name: str, build, device: torch.device, steps: int, block: int, 
         mon.close()
     bare = statistics.median(results["bare"])
     cells = [f"{name:12s}", f"bare {bare * 1e3:8.2f} ms"]
-    for label in ("every=10", "every=1"):
+    for label in ("every=10", "no histograms", "every=1"):
         t = statistics.median(results[label])
         cells.append(f"{label} {t * 1e3:8.2f} ms (x{t / bare:.3f})")
+    # Per round, the "each report" block (one histogram step) minus the "no histograms" block next to it; the median
+    # of these pairs: a load change on a shared machine hits both blocks of a pair alike.
+    each, none = results["each report"], results["no histograms"]
+    pairs = [sum(each[i : i + block]) - sum(none[i : i + block]) for i in range(0, len(each), block)]
+    spacing = monitors["every=10"].config.histogram_every_steps
+    share = 100 * statistics.median(pairs) / block / bare
+    cells.append(f"histograms {share:+.2f}% of a step at each report, {share * 10 / spacing:+.2f}% every {spacing}")
     cells += [
         f"syncs/step {syncs_per_step:.1f}",
         f"+device {extra_device_mb:.2f} MB",

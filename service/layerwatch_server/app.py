@@ -13,6 +13,7 @@ from fastapi.openapi.utils import get_openapi
 from sqlalchemy import Engine
 
 from layerwatch_server.api import errors
+from layerwatch_server.api.alerting import install as install_alerting
 from layerwatch_server.api.routes import alerts, health, ingest, metrics, rules, runs
 from layerwatch_server.api.state import AppState
 from layerwatch_server.core.batch import Batch
@@ -24,7 +25,6 @@ from layerwatch_server.jobs.scheduler import Scheduler
 from layerwatch_server.mirrors import mlflow_mirror
 from layerwatch_server.mirrors import process as mirror_process
 from layerwatch_server.observability.telemetry import MetricsMiddleware, Telemetry
-from layerwatch_server.rules import install as install_alerting
 from layerwatch_server.storage.engine import Checkpointer, make_engine
 from layerwatch_server.storage.ingest import Ingestor
 from layerwatch_server.storage.migrations import head_revisions

@@ -13,10 +13,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from layerwatch import wire
+from layerwatch_server.api.alerting import make_alerting, parse_alerting
 from layerwatch_server.app import create_app
 from layerwatch_server.core.config import Settings
-from layerwatch_server.rules.config import parse_alerting
-from layerwatch_server.rules.service import Alerting
 from layerwatch_server.storage.base import utcnow
 from layerwatch_server.storage.models import OutboxRow
 
@@ -68,7 +67,9 @@ def test_three_dead_layers_are_three_alerts_and_one_page_then_one_renotification
     assert page["incident"] == {"rule": "dead_units", "layers": ["blocks.0.fc", "blocks.1.fc", "blocks.2.fc"]}
 
     # four hours later the scheduler re-notifies the incident once, not each layer
-    later = Alerting(engine, parse_alerting({"channels": CHANNELS}), clock=lambda: utcnow() + dt.timedelta(hours=5))
+    later = make_alerting(
+        engine, parse_alerting({"channels": CHANNELS}), clock=lambda: utcnow() + dt.timedelta(hours=5)
+    )
     later.tick(engine)
     again = [r for r in _outbox(engine, {a["id"] for a in dead.values()}) if "-firing-r" in r.key]
     assert len(again) == 1 and len(again[0].payload["incident"]["layers"]) == 3

@@ -12,9 +12,9 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
+from layerwatch_server.api.alerting import make_alerting, parse_alerting
 from layerwatch_server.app import create_app
 from layerwatch_server.core.config import Settings
-from layerwatch_server.rules.config import parse_alerting
 from layerwatch_server.rules.service import Alerting
 from layerwatch_server.storage.base import utcnow
 
@@ -175,7 +175,7 @@ def test_stalled_on_a_fake_clock(app_client, admin, engine):
         admin["Authorization"][7:],
     ).json()["run_id"]
     now = [utcnow()]
-    al = Alerting(engine, parse_alerting({"channels": CHANNELS}), clock=lambda: now[0])
+    al = make_alerting(engine, parse_alerting({"channels": CHANNELS}), clock=lambda: now[0])
 
     now[0] += dt.timedelta(seconds=200)  # below the 300 s default
     al.tick(engine)
@@ -206,6 +206,6 @@ def test_stalled_can_be_tuned_per_run(app_client, admin, engine):
     b = make_batch(unique("k"), steps=range(2), project=unique(), n_layers=1)
     b["run"]["config"] = config
     run = post(app_client, b, admin["Authorization"][7:]).json()["run_id"]
-    al = Alerting(engine, parse_alerting({}), clock=lambda: utcnow() + dt.timedelta(seconds=1800))
+    al = make_alerting(engine, parse_alerting({}), clock=lambda: utcnow() + dt.timedelta(seconds=1800))
     al.tick(engine)
     assert "stalled|" not in _alerts(app_client, admin, run)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from layerwatch import wire
-from layerwatch_server.rules.config import parse_alerting
+from layerwatch_server.api.alerting import parse_alerting
 from layerwatch_server.rules.evaluate import Obs, StepView, evaluate_step
 from layerwatch_server.rules.incidents import page
 from layerwatch_server.rules.lifecycle import Lifecycle

@@ -13,8 +13,8 @@ from typing import Any
 
 import httpx
 
+from layerwatch_server.notify.config import Channel
 from layerwatch_server.notify.payload import text
-from layerwatch_server.rules.config import Channel
 
 _RETRYABLE_4XX = (408, 425, 429)
 

@@ -15,8 +15,8 @@ from typing import Any
 from sqlalchemy import Connection, or_, select, update
 from sqlalchemy.orm import Session
 
+from layerwatch_server.notify.config import NotifyConfig
 from layerwatch_server.notify.payload import build
-from layerwatch_server.rules.config import AlertingConfig
 from layerwatch_server.storage.alerts import Obs
 from layerwatch_server.storage.models import AlertRow, OutboxRow, Silence
 
@@ -38,7 +38,7 @@ def silenced(session: Session, alert: AlertRow, now: dt.datetime) -> bool:
 
 def enqueue(
     session: Session,
-    cfg: AlertingConfig,
+    cfg: NotifyConfig,
     alert: AlertRow,
     status: str,
     obs: Obs | None,

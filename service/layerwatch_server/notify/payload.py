@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import Connection, select
 from sqlalchemy.orm import Session
 
-from layerwatch_server.rules.config import Notify
+from layerwatch_server.notify.config import Notify
 from layerwatch_server.storage.alerts import Obs, alert_dict
 from layerwatch_server.storage.base import finite_json
 from layerwatch_server.storage.models import AlertRow, Layer, Param, Run, layer_stats, param_stats

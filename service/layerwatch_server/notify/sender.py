@@ -19,7 +19,7 @@ from sqlalchemy import Engine
 
 from layerwatch_server.notify import outbox
 from layerwatch_server.notify.channels import DeliveryError, send
-from layerwatch_server.rules.config import AlertingConfig
+from layerwatch_server.notify.config import NotifyConfig
 from layerwatch_server.storage.base import utcnow
 from layerwatch_server.storage.engine import writer
 from layerwatch_server.storage.models import OutboxRow
@@ -28,7 +28,7 @@ log = logging.getLogger("layerwatch_server.notify")
 
 
 class Sender:
-    def __init__(self, engine: Engine, cfg: Callable[[], AlertingConfig], poll_s: float = 1.0) -> None:
+    def __init__(self, engine: Engine, cfg: Callable[[], NotifyConfig], poll_s: float = 1.0) -> None:
         self.engine, self.cfg, self.poll_s = engine, cfg, poll_s
         self._wake = threading.Event()
         self._stop = threading.Event()

@@ -60,6 +60,8 @@ def view(batch: Batch, s: StepIn, detailed: bool = True) -> StepView:
 
 
 PRE_ACTIVATION_DEAD = 0.9  # dead_units' bar for a Linear/Conv output judged as if a functional ReLU followed
+
+
 def needs_detail(batch: Batch, s: StepIn) -> tuple[bool, bool]:
     """(is a report step's layer data present, is anything non-finite) from the raw rows, without building
     dicts: a dead-unit window ends here, or a NaN/Inf is anywhere in the step. Columns are scanned in C (this

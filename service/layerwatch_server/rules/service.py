@@ -5,8 +5,8 @@ ingestor holds, so one commit covers rows, alerts and memory); :meth:`Alerting.o
 commit. On PostgreSQL the run's row is locked first (FOR UPDATE; SQLite has one writer), so the ranks and
 replicas ingesting a run take turns on its alerts and agree on their states, and every writer of a run's
 alerts locks in one order (the run, then its alerts; the scheduler's tick does the same): no deadlocks.
-The rank's memory row is only ever written under that lock. Alert changes and their outbox rows commit with
-the batch; the sender is woken after the commit.
+The rank's memory row is only ever written under that lock. Alert changes and their notifications (queued
+through the injected ``emit``) commit with the batch; ``deliver`` gets them after the commit.
 """
 
 from __future__ import annotations
@@ -18,16 +18,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import JSON, Connection, Engine, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from layerwatch_server.core.batch import Batch
-from layerwatch_server.notify.outbox import enqueue
-from layerwatch_server.notify.sender import Sender
 from layerwatch_server.rules import incidents, store
-from layerwatch_server.rules.config import AlertingConfig
+from layerwatch_server.rules.config import RulesConfig
 from layerwatch_server.rules.evaluate import evaluate_step, needs_detail, view
 from layerwatch_server.rules.lifecycle import OPEN, Lifecycle
 from layerwatch_server.rules.spec import Rule, merge
@@ -35,9 +33,30 @@ from layerwatch_server.storage.alerts import Obs, alert_dict
 from layerwatch_server.storage.base import LRU, UTCDateTime, dialect_insert, finite_json, utcnow
 from layerwatch_server.storage.engine import writer
 from layerwatch_server.storage.ingest import Ingestor, IngestResult
-from layerwatch_server.storage.models import AlertRow, OutboxRow, Project, RuleDef, RuleState, Run
+from layerwatch_server.storage.models import AlertRow, Project, RuleDef, RuleState, Run
 
 Clock = Callable[[], dt.datetime]
+
+
+class Emit(Protocol):
+    """Queues the notifications of one alert transition in the caller's session (the alert's transaction) and
+    returns them, to be handed to :data:`Deliver` after the commit. Notify provides it (``api.alerting`` wires
+    it in): the rules say what changed, not where it goes."""
+
+    def __call__(
+        self,
+        session: Session,
+        alert: AlertRow,
+        status: str,
+        obs: Obs | None,
+        now: dt.datetime,
+        *,
+        tag: str = "",
+        layers: list[str] | None = None,
+    ) -> list[Any]: ...
+
+
+Deliver = Callable[[list[Any]], None]  # what Emit queued, after its commit: send it now
 HOOK = "alerting"  # the name of the in-transaction hook, and of what it stages on IngestResult
 
 # Built once: Core statements built per batch cost more to compile-cache than to run.
@@ -55,7 +74,7 @@ class Staged:
     """What an evaluation leaves for after the commit."""
 
     current: list[dict[str, Any]]  # the run's alerts, JSON-safe: open ones and those resolved a moment ago
-    queued: list[OutboxRow]  # notifications to hand to the sender
+    queued: list[Any]  # notifications (what Emit returned) to deliver
 
 
 def _json_safe(alert: dict[str, Any]) -> dict[str, Any]:
@@ -72,9 +91,21 @@ def run_overrides(config: dict[str, Any] | None) -> dict[str, Any]:
 
 
 class Alerting:
-    def __init__(self, engine: Engine, cfg: AlertingConfig, *, clock: Clock = utcnow, cache_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        cfg: RulesConfig,
+        *,
+        emit: Emit,
+        deliver: Deliver,
+        renotify_s: float,
+        resolved_visible_s: float,
+        clock: Clock = utcnow,
+        cache_s: float = 2.0,
+    ) -> None:
         self.engine, self.cfg, self.clock, self.cache_s = engine, cfg, clock, cache_s
-        self.sender = Sender(engine, lambda: self.cfg)
+        self.emit, self.deliver = emit, deliver
+        self.renotify_s, self.resolved_visible_s = renotify_s, resolved_visible_s
         # Called with (run_id, the run's current alerts) after each evaluation: the Prometheus snapshot.
         self.listeners: list[Callable[[str, list[dict[str, Any]]], None]] = []
         self._db_rules: tuple[float, dict[str, dict[str, Any]]] = (-1e18, {})
@@ -128,13 +159,13 @@ class Alerting:
         if staged is None:  # evaluation failed and was rolled back (logged by the ingestor)
             return []
         if staged.queued:
-            self.sender.hand(staged.queued)
+            self.deliver(staged.queued)
         self._tell(res.run_id, staged.current)
         return staged.current
 
     def _evaluate(self, s: Session, batch: Batch, res: IngestResult) -> Staged:
         now = self.clock()
-        queued: list[OutboxRow] = []
+        queued: list[Any] = []
         conn = s.connection()
         config, origin = conn.execute(_LOCK_RUN, {"id": res.run_id}).one()
         mem = self._memory(conn, res.run_id, batch.rank, now)
@@ -148,7 +179,7 @@ class Alerting:
             events.append((row, status, obs))
 
         def send(row: AlertRow, status: str, obs: Obs | None, layers: list[str]) -> None:
-            queued.extend(enqueue(s, self.cfg, row, status, obs, now, layers=layers))
+            queued.extend(self.emit(s, row, status, obs, now, layers=layers))
 
         counters = mem.setdefault("counters", {})
         lc = Lifecycle(res.run_id, batch.run.project, batch.rank, alerts, counters, transition, now, store.AlertRecord)
@@ -168,7 +199,7 @@ class Alerting:
         incidents.page(events, alerts.values(), send)  # one page per (run, rule) incident
         store.save(conn, alerts.values())
         conn.execute(_SAVE_MEMORY, {"r_id": res.run_id, "r_rank": batch.rank, "r_data": mem, "r_now": now})
-        keep = dt.timedelta(seconds=self.cfg.notify.resolved_visible_s)
+        keep = dt.timedelta(seconds=self.resolved_visible_s)
         current = [
             _json_safe(alert_dict(a))
             for a in alerts.values()
@@ -202,7 +233,7 @@ class Alerting:
     def tick(self, engine: Engine, now_s: float | None = None) -> None:
         """Time-based rules (``stalled``) and re-notification of alerts that keep firing."""
         now = self.clock() if now_s is None else dt.datetime.fromtimestamp(now_s, dt.timezone.utc)
-        queued: list[OutboxRow] = []
+        queued: list[Any] = []
         stalled_runs: list[tuple[str, list[dict[str, Any]]]] = []
         with Session(writer(self.engine), expire_on_commit=False) as s, s.begin():
             running = s.execute(
@@ -230,7 +261,7 @@ class Alerting:
 
                 def transition(row: AlertRow, status: str, obs: Obs | None) -> None:
                     s.add(row)
-                    queued.extend(enqueue(s, self.cfg, row, status, obs, now))
+                    queued.extend(self.emit(s, row, status, obs, now))
 
                 lc = Lifecycle(run.id, project, 0, alerts, {}, transition, now)
                 msg = f"run {run.name} has sent nothing for {idle:.0f} s (threshold {rule.threshold:.0f} s)"
@@ -241,14 +272,14 @@ class Alerting:
                 )
                 s.add_all(lc.new)
                 stalled_runs.append((run.id, [alert_dict(a) for a in (*alerts.values(), *lc.new)]))
-            due = now - dt.timedelta(seconds=self.cfg.notify.renotify_s)
+            due = now - dt.timedelta(seconds=self.renotify_s)
             # Only an incident's lead has notified_at set: one re-notification per incident, naming its layers.
             for a in s.scalars(select(AlertRow).where(AlertRow.state == "firing", AlertRow.notified_at < due)):
                 peers = s.scalars(select(AlertRow).where(AlertRow.run_id == a.run_id, AlertRow.rule == a.rule))
                 layers = incidents.incident_layers(peers, a.rule)
                 tag = f"-r{int(now.timestamp())}"
-                queued.extend(enqueue(s, self.cfg, a, "firing", None, now, tag=tag, layers=layers))
+                queued.extend(self.emit(s, a, "firing", None, now, tag=tag, layers=layers))
         if queued:
-            self.sender.hand(queued)
+            self.deliver(queued)
         for run_id, run_alerts in stalled_runs:
             self._tell(run_id, finite_json(run_alerts))

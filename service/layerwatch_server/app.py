@@ -13,7 +13,7 @@ from fastapi.openapi.utils import get_openapi
 from sqlalchemy import Engine
 
 from layerwatch_server.api import errors
-from layerwatch_server.api.alerting import install as install_alerting
+from layerwatch_server.api.alerting import load_alerting, make_alerting
 from layerwatch_server.api.routes import alerts, health, ingest, metrics, rules, runs
 from layerwatch_server.api.state import AppState
 from layerwatch_server.core.batch import Batch
@@ -24,6 +24,7 @@ from layerwatch_server.jobs.retention import retention_job
 from layerwatch_server.jobs.scheduler import Scheduler
 from layerwatch_server.mirrors import mlflow_mirror
 from layerwatch_server.mirrors import process as mirror_process
+from layerwatch_server.notify.sender import Sender
 from layerwatch_server.observability.telemetry import MetricsMiddleware, Telemetry
 from layerwatch_server.storage.engine import Checkpointer, make_engine
 from layerwatch_server.storage.ingest import Ingestor
@@ -40,24 +41,28 @@ def build_state(settings: Settings, engine: Engine | None = None) -> AppState:
         settings.db_url, timeout_s=settings.db_timeout_s, pool_size=settings.pool_size, background_checkpoint=True
     )
     telemetry = Telemetry.from_settings(settings)
+    ingestor = Ingestor(engine, lock_timeout_s=settings.db_timeout_s)
+    alerting_cfg = load_alerting(settings.rules_file)
+    sender = Sender(engine, lambda: alerting_cfg)
+    alerting = make_alerting(engine, alerting_cfg, sender=sender)
+    alerting.attach(ingestor)  # evaluated inside each batch's transaction; on_ingest finishes after it
+    alerting.listeners.append(telemetry.snapshot.set_alerts)
     state = AppState(
         settings=settings,
         engine=engine,
-        ingestor=Ingestor(engine, lock_timeout_s=settings.db_timeout_s),
+        ingestor=ingestor,
         tokens=TokenCache(engine, settings.token_cache_s),
         admission=Admission(settings.max_inflight),
         heads=head_revisions(settings.db_url),
         ingest_limiter=CapacityLimiter(2 if engine.dialect.name == "sqlite" else min(3, settings.pool_size)),
-        extras={
-            "ingest_hooks": [telemetry.ingest_hook],
-            "rule_hooks": [],
-            "mlflow_mirror": mlflow_mirror.from_settings(settings),
-            "telemetry": telemetry,
-        },
+        telemetry=telemetry,
+        alerting=alerting,
+        sender=sender,
+        mlflow_mirror=mlflow_mirror.from_settings(settings),
+        ingest_hooks=[telemetry.ingest_hook, alerting.on_ingest],
+        rule_hooks=[alerting.tick],
     )
     telemetry.watch(state)
-    install_alerting(state)
-    state.extras["alerting"].listeners.append(telemetry.snapshot.set_alerts)
     return state
 
 
@@ -76,8 +81,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         if state.engine.dialect.name == "sqlite" and engine is None:
             checkpointer = Checkpointer(state.engine)
             checkpointer.start()
-        for start in state.extras.get("startup", ()):
-            start()
+        state.sender.start()
         if settings.scheduler:
             scheduler = Scheduler(state.engine)
             scheduler.add(
@@ -85,14 +89,14 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 settings.retention_interval_s,
                 retention_job(settings.retention_days, settings.rollup_bucket_steps),
             )
-            scheduler.add("rules", settings.job_interval_s, run_hooks(state.extras["rule_hooks"]))
+            scheduler.add("rules", settings.job_interval_s, run_hooks(state.rule_hooks))
             scheduler.start()
-            state.extras["scheduler"] = scheduler
+            state.scheduler = scheduler
             job = mirror_process.job_from_settings(settings)
             if job is not None:  # its own process: the mirror's ticks never take ingest's CPU
                 mirror = mirror_process.MirrorProcess(job)
                 mirror.start()
-                state.extras["mlflow_mirror"] = mirror  # its counters feed /metrics
+                state.mlflow_mirror = mirror  # its counters feed /metrics
         try:
             yield
         finally:  # uvicorn has drained in-flight requests (and their transactions) by now
@@ -100,8 +104,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 scheduler.shutdown()
             if mirror is not None:
                 mirror.stop()
-            for stop in state.extras.get("shutdown", ()):
-                stop()
+            state.sender.stop()
             if checkpointer is not None:
                 checkpointer.stop()
             if engine is None:
@@ -117,7 +120,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     errors.install(app, settings.retry_after_s)
     app.include_router(health.router)
     app.include_router(metrics.router)
-    app.add_middleware(MetricsMiddleware, telemetry=state.extras["telemetry"])
+    app.add_middleware(MetricsMiddleware, telemetry=state.telemetry)
     app.include_router(ingest.router, prefix="/api/v1")
     app.include_router(runs.router, prefix="/api/v1")
     app.include_router(alerts.router, prefix="/api/v1")

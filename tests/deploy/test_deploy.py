@@ -31,7 +31,7 @@ def exposed(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     settings = Settings(db_url=url, scheduler=False, no_auth=True, mlflow_tracking_uri="http://127.0.0.1:9")
     with TestClient(create_app(settings)) as client:
         run_id = post(client, make_batch("k", steps=range(3))).json()["run_id"]
-        telemetry = client.app.state.lw.extras["telemetry"]
+        telemetry = client.app.state.lw.telemetry
         telemetry.snapshot.set_alerts(run_id, [{"rule": "dead_units", "severity": "warning", "state": "firing"}])
         telemetry.notification_failures.labels("slack")
         client.get("/healthz")

@@ -55,7 +55,7 @@ def _mlflow(url: str):
 
 def test_run_is_mirrored_with_params_tags_metrics_and_status(collector, mlflow_url, tmp_path):
     client, engine = collector
-    mirror: MlflowMirror = client.app.state.lw.extras["mlflow_mirror"]
+    mirror: MlflowMirror = client.app.state.lw.mlflow_mirror
     key, project = unique("run"), unique("proj")
     nan_at = {(3, 0, "act_std"): math.nan, (4, 1, "act_std"): math.inf}
     assert post(client, make_batch(key, steps=range(0, 6), project=project, overrides=nan_at)).status_code == 202
@@ -93,7 +93,7 @@ def test_run_is_mirrored_with_params_tags_metrics_and_status(collector, mlflow_u
 
 def test_alerts_become_tags_and_an_artifact(collector, mlflow_url, tmp_path):
     client, engine = collector
-    mirror: MlflowMirror = client.app.state.lw.extras["mlflow_mirror"]
+    mirror: MlflowMirror = client.app.state.lw.mlflow_mirror
     run_id = post(client, make_batch(unique("run"), steps=range(3))).json()["run_id"]
     assert not mirror.mirror_alerts(engine, run_id, [])  # not in MLflow yet
     mirror.tick(engine)
@@ -115,7 +115,7 @@ def test_mlflow_down_backs_off_and_resumes_from_the_cursor(collector, mlflow_url
     client, engine = collector
     down = MlflowMirror(MirrorConfig(tracking_uri=f"http://127.0.0.1:{free_port()}"))
     run_id = post(client, make_batch(unique("run"), steps=range(5))).json()["run_id"]
-    client.app.state.lw.extras["mlflow_mirror"].tick(engine)  # the real mirror takes the other pending runs
+    client.app.state.lw.mlflow_mirror.tick(engine)  # the real mirror takes the other pending runs
     source.reset(engine, run_id)
     down.tick(engine)
     assert down.errors_total == 1 and source.pending_runs(engine, 10, run_id)[0].mlflow_run_id is None
@@ -129,7 +129,7 @@ def test_mlflow_down_backs_off_and_resumes_from_the_cursor(collector, mlflow_url
 
 def test_backfill_remirrors_a_run_into_a_new_mlflow_run(collector, mlflow_url):
     client, engine = collector
-    mirror: MlflowMirror = client.app.state.lw.extras["mlflow_mirror"]
+    mirror: MlflowMirror = client.app.state.lw.mlflow_mirror
     run_id = post(client, make_batch(unique("run"), steps=range(7), end="killed")).json()["run_id"]
     mirror.tick(engine)
     first = source.pending_runs(engine, 1, run_id)[0].mlflow_run_id

@@ -62,9 +62,9 @@ def test_failing_ingest_hook_does_not_fail_a_committed_batch(engine, db_url):
     def broken(batch, result):
         raise RuntimeError("rule bug")
 
-    app.state.lw.extras["ingest_hooks"].clear()  # only these two: the built-in rules would add their alerts
-    app.state.lw.extras["ingest_hooks"].append(broken)
-    app.state.lw.extras["ingest_hooks"].append(lambda batch, result: [{"rule": "demo", "run": result.run_id}])
+    app.state.lw.ingest_hooks.clear()  # only these two: the built-in rules would add their alerts
+    app.state.lw.ingest_hooks.append(broken)
+    app.state.lw.ingest_hooks.append(lambda batch, result: [{"rule": "demo", "run": result.run_id}])
     with TestClient(app) as client:
         resp = post(client, make_batch("hooked", project="phook"))
     assert resp.status_code == 202

@@ -32,7 +32,7 @@ def app_client(db_url, engine, tmp_path_factory):
     settings = Settings(db_url=db_url, scheduler=False, token_cache_s=0, rules_file=path)
     app = create_app(settings, engine)
     with TestClient(app, raise_server_exceptions=False) as c:
-        c.alerting = app.state.lw.extras["alerting"]  # type: ignore[attr-defined]
+        c.alerting = app.state.lw.alerting  # type: ignore[attr-defined]
         yield c
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 from pydantic import ConfigDict, ValidationError
@@ -42,9 +42,6 @@ from layerwatch_server.rules.spec import RuleError
 from layerwatch_server.storage.alerts import Obs
 from layerwatch_server.storage.base import utcnow
 from layerwatch_server.storage.models import AlertRow
-
-if TYPE_CHECKING:
-    from layerwatch_server.api.state import AppState
 
 
 class AlertingConfig(RulesConfig, NotifyConfig):
@@ -108,16 +105,3 @@ def make_alerting(
         resolved_visible_s=cfg.notify.resolved_visible_s,
         clock=clock,
     )
-
-
-def install(state: AppState) -> None:
-    """Register alerting on a collector's state: ingest and schedule hooks, the sender's start and stop."""
-    cfg = load_alerting(state.settings.rules_file)
-    sender = Sender(state.engine, lambda: cfg)
-    alerting = make_alerting(state.engine, cfg, sender=sender)
-    state.extras["alerting"] = alerting
-    alerting.attach(state.ingestor)  # evaluated inside each batch's transaction; on_ingest finishes after it
-    state.extras.setdefault("ingest_hooks", []).append(alerting.on_ingest)
-    state.extras.setdefault("rule_hooks", []).append(alerting.tick)
-    state.extras.setdefault("startup", []).append(sender.start)
-    state.extras.setdefault("shutdown", []).append(sender.stop)

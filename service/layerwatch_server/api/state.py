@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from anyio import CapacityLimiter
 from sqlalchemy import Engine
 
+from layerwatch_server.core.batch import Batch
 from layerwatch_server.core.config import Settings
 from layerwatch_server.core.state import Admission
-from layerwatch_server.storage.ingest import Ingestor
+from layerwatch_server.jobs.scheduler import Scheduler
+from layerwatch_server.mirrors.mlflow_mirror import MlflowMirror
+from layerwatch_server.mirrors.process import MirrorProcess
+from layerwatch_server.notify.sender import Sender
+from layerwatch_server.observability.telemetry import Telemetry
+from layerwatch_server.rules.service import Alerting
+from layerwatch_server.storage.ingest import Ingestor, IngestResult
+from layerwatch_server.storage.ticks import JobFn
 from layerwatch_server.storage.tokens import TokenCache
+
+# After each batch's commit: the alerts it returns go into the 202 answer (telemetry returns none).
+IngestHook = Callable[[Batch, IngestResult], list[dict[str, Any]]]
 
 
 @dataclass
@@ -27,4 +39,12 @@ class AppState:
     # the others run Python; more only fight over the GIL while the ranks of a run queue on its row lock
     # (bench/ingest.py, 64 clients: ~27k layer-rows/s with 3 threads, ~20k with 8).
     ingest_limiter: CapacityLimiter
-    extras: dict[str, Any] = field(default_factory=dict)  # seams for later: rules, mirrors
+    telemetry: Telemetry
+    alerting: Alerting
+    sender: Sender  # delivers the alerts' notifications; started and stopped with the app
+    # The in-process mirror until the lifespan starts the mirror's own process, then that process's handle:
+    # either way its counters feed /metrics.
+    mlflow_mirror: MlflowMirror | MirrorProcess | None
+    ingest_hooks: list[IngestHook] = field(default_factory=list)
+    rule_hooks: list[JobFn] = field(default_factory=list)  # the scheduler's "rules" job runs these
+    scheduler: Scheduler | None = None

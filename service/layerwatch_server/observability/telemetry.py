@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from layerwatch_server.core.batch import Batch
+from layerwatch_server.core.state import Admission
 from layerwatch_server.observability.snapshot import LatestSnapshot
 
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -50,7 +51,7 @@ class Telemetry:
         r.register(snapshot)
 
     def ingest_hook(self, batch: Batch, res: Any) -> list[dict[str, Any]]:
-        """An ``extras["ingest_hooks"]`` entry: runs after commit, costs O(layers) per batch."""
+        """An ingest hook (``AppState.ingest_hooks``): runs after commit, costs O(layers) per batch."""
         self.ingest_rows.labels("step").inc(res.steps)
         self.ingest_rows.labels("layer").inc(res.layer_rows)
         self.ingest_rows.labels("param").inc(res.param_rows)
@@ -71,7 +72,7 @@ class Telemetry:
         )
         return cls(snapshot, registry)
 
-    def watch(self, state: Any) -> None:
+    def watch(self, state: Watched) -> None:
         """Gauges read from the app state at scrape time: in-flight ingests, MLflow mirror progress."""
         self.registry.register(_StateCollector(state))
 
@@ -89,8 +90,32 @@ class Telemetry:
         return encoder(registry), content_type
 
 
+class MirrorCounters(Protocol):
+    """The MLflow mirror's progress, from the in-process worker or the mirror process's handle."""
+
+    @property
+    def lag_steps(self) -> float: ...
+    @property
+    def lag_seconds(self) -> float: ...
+    @property
+    def errors_total(self) -> float: ...
+    @property
+    def metrics_total(self) -> float: ...
+    @property
+    def requests_total(self) -> float: ...
+
+
+class Watched(Protocol):
+    """What the scrape-time gauges read from the collector's state."""
+
+    @property
+    def admission(self) -> Admission: ...
+    @property
+    def mlflow_mirror(self) -> MirrorCounters | None: ...
+
+
 class _StateCollector(Collector):
-    def __init__(self, state: Any) -> None:
+    def __init__(self, state: Watched) -> None:
         self.state = state
 
     def collect(self) -> Iterator[Metric]:
@@ -102,7 +127,7 @@ class _StateCollector(Collector):
         yield CounterMetricFamily(
             "layerwatch_ingest_rejected", "Ingests answered 429 (overloaded).", value=adm.rejected
         )
-        mirror = self.state.extras.get("mlflow_mirror")
+        mirror = self.state.mlflow_mirror
         if mirror is not None:
             yield GaugeMetricFamily(
                 "layerwatch_mlflow_mirror_lag_steps", "Steps not yet in MLflow (worst run).", value=mirror.lag_steps

@@ -15,7 +15,7 @@ router = APIRouter(tags=["health"])
 
 @router.get("/metrics", include_in_schema=False)
 def metrics(request: Request, state: StateDep) -> Response:
-    body, content_type = state.extras["telemetry"].render(request.headers.get("accept"))
+    body, content_type = state.telemetry.render(request.headers.get("accept"))
     if "gzip" in request.headers.get("accept-encoding", "") and len(body) > 4096:  # Prometheus asks for gzip
         return Response(gzip.compress(body, 1), media_type=content_type, headers={"Content-Encoding": "gzip"})
     return Response(body, media_type=content_type)

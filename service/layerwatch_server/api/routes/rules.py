@@ -26,7 +26,7 @@ def _admin(grant: Any) -> None:
 
 
 def _alerting(state: Any) -> Alerting:
-    return state.extras["alerting"]
+    return state.alerting
 
 
 @router.get("/rules")

@@ -11,10 +11,10 @@ import pytest
 
 from layerwatch import wire
 from layerwatch_server.api.alerting import parse_alerting
+from layerwatch_server.rules.book import run_overrides
 from layerwatch_server.rules.evaluate import Obs, StepView, evaluate_step
 from layerwatch_server.rules.incidents import page
 from layerwatch_server.rules.lifecycle import Lifecycle
-from layerwatch_server.rules.service import run_overrides
 from layerwatch_server.rules.spec import BUILTINS, Rule, RuleError, merge, parse_rule
 from layerwatch_server.storage.models import AlertRow
 

@@ -1,97 +1,83 @@
-"""Rules as data: ``GET/POST/PUT/DELETE /api/v1/rules`` (admin token). API rules override the rules file."""
+"""Rules as data: ``GET/POST/PUT/DELETE /api/v1/rules`` (admin token). API rules override the rules file.
+
+The bodies are validated by the rules themselves (``rules.spec.parse_rule``: a 422 names the field); the
+OpenAPI schema of a body is the rule's.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, HTTPException
-from sqlalchemy import delete, select
+from pydantic import WithJsonSchema
 
 from layerwatch_server.api.deps import GrantDep, StateDep
 from layerwatch_server.api.schemas import Problem
-from layerwatch_server.rules.service import Alerting
-from layerwatch_server.rules.spec import BUILTINS, RuleError, parse_rule
-from layerwatch_server.storage.base import finite_json, utcnow
-from layerwatch_server.storage.engine import writer
-from layerwatch_server.storage.models import RuleDef
+from layerwatch_server.rules.book import RuleBook, RuleExists
+from layerwatch_server.rules.spec import Rule, RuleError
+from layerwatch_server.storage.base import finite_json
+from layerwatch_server.storage.tokens import Grant
 
 router = APIRouter(
     tags=["rules"], responses={401: {"model": Problem}, 403: {"model": Problem}, 422: {"model": Problem}}
 )
 
 
-def _admin(grant: Any) -> None:
+def _rule_schema(*, named: bool) -> dict[str, Any]:
+    schema = Rule.model_json_schema(by_alias=True)
+    schema["title"] = "RuleIn" if named else "RuleChange"
+    if not named:  # PUT names the rule in its path
+        schema["required"] = [f for f in schema.get("required", []) if f != "name"]
+    schema["additionalProperties"] = False
+    return schema
+
+
+# A JSON object read as is (so a bad field gets parse_rule's 422 naming it), documented as a rule.
+RuleIn = Annotated[dict[str, Any], WithJsonSchema(_rule_schema(named=True)), Body()]
+RuleChange = Annotated[dict[str, Any], WithJsonSchema(_rule_schema(named=False)), Body()]
+
+
+def _admin(grant: Grant | None) -> None:
     if grant is not None and (grant.scope != "admin" or grant.project != "*"):
         raise HTTPException(403, "rules need an admin token of all projects (--project '*' --scope admin)")
-
-
-def _alerting(state: Any) -> Alerting:
-    return state.alerting
 
 
 @router.get("/rules")
 def list_rules(state: StateDep, grant: GrantDep, project: str | None = None) -> Any:
     """Effective global rules (or a project's), built-ins included, with where each override comes from."""
     _admin(grant)
-    al = _alerting(state)
-    al.invalidate()
-    levels = [al.cfg.rules, al.db_rules(), al.cfg.projects.get(project or "", {})]
-    names = sorted({*BUILTINS, *(n for lvl in levels for n in lvl)})
-    out = []
-    for name in names:
-        fields: dict[str, Any] = {}
-        for lvl in levels:
-            fields.update(lvl.get(name, {}))
-        try:
-            rule = parse_rule(name, fields)
-        except RuleError as exc:
-            out.append({"name": name, "error": str(exc)})
-            continue
-        src = "api" if name in levels[1] else "file" if name in levels[0] else "builtin"
-        out.append({**rule.model_dump(by_alias=True, exclude_none=True), "source": src})
-    return finite_json(out)
+    return finite_json(state.alerting.book.listing(project))
 
 
-def _save(state: Any, name: str, spec: dict[str, Any], *, create: bool) -> dict[str, Any]:
-    spec = {k: v for k, v in spec.items() if k != "name"}
+def _save(book: RuleBook, name: str, spec: dict[str, Any], *, create: bool) -> dict[str, Any]:
     try:
-        rule = parse_rule(name, spec)
+        rule = book.save(name, spec, create=create)
+    except RuleExists as exc:
+        raise HTTPException(409, str(exc)) from None
     except RuleError as exc:
         raise HTTPException(422, str(exc)) from None
-    with writer(state.engine).begin() as conn:
-        exists = conn.scalar(select(RuleDef.name).where(RuleDef.name == name)) is not None
-        if create and exists:
-            raise HTTPException(409, f"rule {name!r} exists; PUT /api/v1/rules/{name} to change it")
-        if exists:
-            conn.execute(RuleDef.__table__.update().where(RuleDef.name == name).values(spec=spec, updated_at=utcnow()))
-        else:
-            conn.execute(RuleDef.__table__.insert().values(name=name, spec=spec, updated_at=utcnow()))
-    _alerting(state).invalidate()
-    return {**rule.model_dump(by_alias=True, exclude_none=True), "source": "api"}
+    return finite_json({**rule.model_dump(by_alias=True, exclude_none=True), "source": "api"})
 
 
 @router.post("/rules", status_code=201)
-def create_rule(state: StateDep, grant: GrantDep, body: Annotated[dict[str, Any], Body()]) -> Any:
+def create_rule(state: StateDep, grant: GrantDep, body: RuleIn) -> Any:
     """A new rule (or an override of a built-in): ``{"name", "stat", "op", "threshold", "for", ...}``."""
     _admin(grant)
     name = body.get("name")
     if not isinstance(name, str) or not name:
         raise HTTPException(422, "name: a rule needs a name")
-    return finite_json(_save(state, name, body, create=True))
+    return _save(state.alerting.book, name, body, create=True)
 
 
 @router.put("/rules/{name}")
-def put_rule(state: StateDep, grant: GrantDep, name: str, body: Annotated[dict[str, Any], Body()]) -> Any:
+def put_rule(state: StateDep, grant: GrantDep, name: str, body: RuleChange) -> Any:
     _admin(grant)
-    return finite_json(_save(state, name, body, create=False))
+    return _save(state.alerting.book, name, body, create=False)
 
 
 @router.delete("/rules/{name}", status_code=204)
 def delete_rule(state: StateDep, grant: GrantDep, name: str) -> None:
     """Drop the API definition; a built-in or file rule of that name falls back to its defaults."""
     _admin(grant)
-    with writer(state.engine).begin() as conn:
-        gone = conn.execute(delete(RuleDef).where(RuleDef.name == name)).rowcount
-    if not gone:
+    if not state.alerting.book.drop(name):
         raise HTTPException(404, f"no API rule {name!r}")
-    _alerting(state).invalidate()

@@ -12,7 +12,7 @@ import fnmatch
 import random
 from typing import Any
 
-from sqlalchemy import Connection, or_, select, update
+from sqlalchemy import Connection, Engine, or_, select, update
 from sqlalchemy.orm import Session
 
 from layerwatch_server.notify.config import NotifyConfig
@@ -137,8 +137,10 @@ def record(
     return values["state"]
 
 
-def attempts_for(session: Session, alert_id: str) -> list[dict[str, Any]]:
-    rows = session.scalars(select(OutboxRow).where(OutboxRow.alert_id == alert_id).order_by(OutboxRow.id))
+def attempts_for(engine: Engine, alert_id: str) -> list[dict[str, Any]]:
+    """An alert's notifications, each with its delivery attempts."""
+    with Session(engine) as session:
+        rows = session.scalars(select(OutboxRow).where(OutboxRow.alert_id == alert_id).order_by(OutboxRow.id)).all()
     return [
         {
             "id": r.id,

@@ -7,6 +7,9 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
 from layerwatch_server.storage.models import AlertRow
 
 
@@ -47,3 +50,33 @@ def alert_dict(a: AlertRow) -> dict[str, Any]:
 
 def _iso(t: dt.datetime | None) -> str | None:
     return t.isoformat() if t is not None else None
+
+
+def list_alerts(
+    engine: Engine,
+    *,
+    project: str | None = None,
+    run_id: str | None = None,
+    state: str | None = None,
+    only: set[str] | None = None,
+    limit: int = 1000,
+) -> list[dict[str, Any]]:
+    """Alerts, newest first, of ``project``/``run_id``/``state`` when given, within the projects ``only``."""
+    q = select(AlertRow).order_by(AlertRow.updated_at.desc()).limit(limit)
+    if project is not None:
+        q = q.where(AlertRow.project == project)
+    if run_id is not None:
+        q = q.where(AlertRow.run_id == run_id)
+    if state is not None:
+        q = q.where(AlertRow.state == state)
+    if only is not None:
+        q = q.where(AlertRow.project.in_(only))
+    with Session(engine) as s:
+        return [alert_dict(a) for a in s.scalars(q)]
+
+
+def get_alert(engine: Engine, alert_id: str) -> dict[str, Any] | None:
+    """One alert with its evidence, or None."""
+    with Session(engine) as s:
+        row = s.get(AlertRow, alert_id)
+        return None if row is None else {**alert_dict(row), "evidence": row.evidence}

@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     mlflow_layer_stats: list[str] = Field(["dead_frac", "act_std"], description="Per-layer stats mirrored.")
     mlflow_param_stats: list[str] = Field(["grad_norm"], description="Per-parameter stats mirrored.")
     mlflow_max_keys: int = Field(1000, ge=0, description="Per-layer/parameter metric keys per MLflow run.")
+    mlflow_image_interval_s: float = Field(
+        300.0, ge=0, description="Least seconds between a run's pictures in MLflow (and at its end)."
+    )
 
     # Prometheus /metrics (layerwatch_server.observability)
     metrics_layer_stats: list[str] = Field(["dead_frac"], description="Per-layer gauges.")

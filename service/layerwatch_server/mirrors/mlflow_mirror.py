@@ -24,6 +24,7 @@ from sqlalchemy import Engine
 from layerwatch_server.mirrors import naming, source
 from layerwatch_server.mirrors.alerts import mirror_alerts
 from layerwatch_server.mirrors.convert import convert
+from layerwatch_server.mirrors.images import PictureSchedule, log_pictures
 from layerwatch_server.mirrors.source import RunState
 from layerwatch_server.storage.base import utcnow
 
@@ -44,6 +45,8 @@ class MirrorConfig:
     stride: int = 1
     max_steps_per_tick: int = 1000
     max_runs_per_tick: int = 100
+    image_interval_s: float = 300.0  # a run's pictures at most this often (and at its end)
+    image_layers: int = 3  # the worst layers whose distributions are pictured
 
 
 def default_client_factory(tracking_uri: str) -> Any:
@@ -67,6 +70,7 @@ class MlflowMirror:
         self._lock = threading.Lock()
         self._retry_at = 0.0
         self._failures = 0
+        self._pictures = PictureSchedule(config.image_interval_s)
         # exposed as Prometheus metrics
         self.errors_total = 0
         self.metrics_total = 0
@@ -135,11 +139,30 @@ class MlflowMirror:
         else:
             lag_s = 0.0
         caught_up = len(steps) < self.config.max_steps_per_tick
+        ending = caught_up and run.status not in ("running", run.mirrored_status)
+        if self._pictures.due(run.id, run.cursor, now, ending):
+            self._log_pictures(engine, run, now)
         if caught_up and run.status != run.mirrored_status:
             self._set_status(engine, run)
         source.save(engine, run)
         behind = max(0, (run.last_step or 0) - (run.cursor if run.cursor is not None else -1))
         return (0, 0.0) if caught_up and not steps else (behind, lag_s)
+
+    def _log_pictures(self, engine: Engine, run: RunState, now: float) -> None:
+        """The run's pictures at the cursor's step; a failure is counted and waits for the next interval, so a
+        picture that cannot be drawn never holds back the metrics."""
+        assert run.mlflow_run_id is not None and run.cursor is not None
+        self._pictures.logged(run.id, run.cursor, now)
+        try:
+            keys = log_pictures(
+                self.client, engine, run.id, run.mlflow_run_id, run.cursor, title=run.name,
+                layers=self.config.image_layers,
+            )  # fmt: skip
+        except Exception as exc:
+            self.errors_total += 1
+            log.warning("pictures of run %s not logged to MLflow (%s)", run.id, exc)
+            return
+        self.requests_total += 2 * len(keys)  # each image: full size and a compressed preview
 
     def _create(self, engine: Engine, run: RunState) -> str:
         client = self.client
@@ -269,5 +292,6 @@ def from_settings(settings: Any) -> MlflowMirror | None:
             param_stats=tuple(settings.mlflow_param_stats),
             max_keys=settings.mlflow_max_keys,
             stride=settings.mlflow_stride,
+            image_interval_s=settings.mlflow_image_interval_s,
         )
     )

@@ -10,6 +10,7 @@ includes what happened while the batch waited (a refusal, a drop).
 from __future__ import annotations
 
 import gzip
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ import msgpack
 
 from layerwatch import wire
 from layerwatch.histograms import wire_section
+from layerwatch.ranks import Combined, RankReducer, layout, rank_values
 from layerwatch.report import Report, first_nonfinite, translate, uncounted_nonfinite
 
 
@@ -27,6 +29,7 @@ class BatchBuilder:
         header: dict[str, Any],
         params: list[dict[str, Any]],
         on_uncounted_nonfinite: Callable[[], None] | None = None,
+        reducer: RankReducer | None = None,
     ) -> None:
         self.header = header  # run, rank, host, pid: the same in every batch
         self.params = params  # the parameter registry, in every batch
@@ -35,6 +38,8 @@ class BatchBuilder:
         self._seq = 0
         self._origin_sent = False
         self._weight_norms: dict[int, float] = {}
+        self.reducer = reducer  # combines regular reports across ranks; None: every rank sends its own rows
+        self._last_time: float | None = None  # the previous step's time, for the time between steps
 
     def build(self, report: Report) -> list[Packed]:
         """The batches for ``report``, all but their ``dropped`` field: one, or several in step order when its
@@ -43,15 +48,28 @@ class BatchBuilder:
         if report.ready is not None:
             report.ready.synchronize()  # waits here, on the exporter's thread, never on the training thread
         values = report.flat.tolist() if report.flat is not None else []
+        times = self._step_times(report)
         steps = translate(report, values, self._weight_norms)
         if self.on_uncounted_nonfinite is not None and uncounted_nonfinite(steps):
             self.on_uncounted_nonfinite()
             self.on_uncounted_nonfinite = None  # once: counting stays on for the rest of the run
+        combined = None
+        if report.combine and self.reducer is not None:
+            per_rank = self.reducer.gather(layout(report), rank_values(report, values, steps, times))
+            if per_rank is not None:
+                if self.header["rank"] != 0:
+                    return []  # rank 0 sends the job's rows
+                combined = Combined(report, per_rank)
+                combined.apply(report, values)
+                steps = translate(report, values, self._weight_norms)
+                combined.spread(steps)
+        names = [layer["name"] for layer in report.layers]
         origin = None
         if not self._origin_sent:
-            names = [layer["name"] for layer in report.layers]
             origin = first_nonfinite(steps, names, self.param_names, self.header["rank"])
             self._origin_sent = origin is not None
+            if origin is not None and combined is not None:
+                origin["rank"] = combined.origin_rank(origin, names, report.steps[0].step)
         parts = split_rows(steps, wire.MAX_ROWS)
         section = wire_section(report.histograms) if report.histograms else None
         return [
@@ -61,9 +79,18 @@ class BatchBuilder:
                 origin if i == 0 else None,
                 {"status": report.end} if report.end and i == len(parts) - 1 else None,
                 section if i == 0 else None,
+                combined.ranks() if combined is not None and i == 0 else None,
             )
             for i, part in enumerate(parts)
         ]
+
+    def _step_times(self, report: Report) -> list[float]:
+        """Seconds since the step before, per step (NaN for the run's first)."""
+        times = []
+        for meta in report.steps:
+            times.append(meta.time - self._last_time if self._last_time is not None else math.nan)
+            self._last_time = meta.time
+        return times
 
     def _batch(
         self,
@@ -72,6 +99,7 @@ class BatchBuilder:
         origin: dict[str, Any] | None,
         end: dict[str, str] | None,
         histograms: dict[str, Any] | None = None,
+        ranks: dict[str, Any] | None = None,
     ) -> Packed:
         batch = {"v": wire.VERSION, **self.header, "seq": self._seq}
         if self._seq > 0:
@@ -88,6 +116,8 @@ class BatchBuilder:
         )
         if histograms is not None:
             batch["histograms"] = histograms  # optional: old collectors ignore it (see layerwatch.wire)
+        if ranks is not None:
+            batch["ranks"] = ranks  # optional, like histograms: the ranks' spread over a combined report
         return Packed.of(batch)
 
 

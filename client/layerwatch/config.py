@@ -78,6 +78,8 @@ class Config:
     flush_timeout: float = 10.0  # LAYERWATCH_FLUSH_TIMEOUT: close() waits this long, then spools
     max_backoff: float = 30.0  # LAYERWATCH_MAX_BACKOFF: longest wait between retries, seconds
     loss_jump: float = 100.0  # LAYERWATCH_LOSS_JUMP: |loss| > this x its recent mean reports at once; 0: off
+    # LAYERWATCH_PER_RANK: every rank sends its own rows; off: rank 0 sends rows combined across ranks (ranks.py)
+    per_rank: bool = True
 
     @property
     def window_steps(self) -> int:
@@ -124,6 +126,7 @@ class Config:
             "flush_timeout": _env_parse("LAYERWATCH_FLUSH_TIMEOUT", float, d.flush_timeout, lambda v: v >= 0),
             "max_backoff": _env_parse("LAYERWATCH_MAX_BACKOFF", float, d.max_backoff, lambda v: v > 0),
             "loss_jump": _env_parse("LAYERWATCH_LOSS_JUMP", float, d.loss_jump, lambda v: v == 0 or v > 1),
+            "per_rank": _env_parse("LAYERWATCH_PER_RANK", _parse_bool, d.per_rank, lambda v: True),
         }
         values = {k: (given[k] if given.get(k) is not None else v) for k, v in env.items()}
         unknown = set(given) - set(env)

@@ -79,7 +79,12 @@ class UnitReducer:
                 return high, low
         n = self.frozen_units
         both = torch.cat([high[:n], -low[:n]])
-        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        try:
+            dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        except Exception as exc:  # a rank left the job (stopped early): this rank's own units from now on
+            self.enabled = False
+            log.warning("layerwatch: dead units could not be combined across ranks (%s); per rank from now on", exc)
+            return high, low
         return torch.cat([both[:n], high[n:]]), torch.cat([-both[n:], low[n:]])
 
     def _agree(self, units: int) -> int:

@@ -26,6 +26,7 @@ from layerwatch.distributed import ParamStats, UnitReducer, rank_and_world, run_
 from layerwatch.exporter import Exporter
 from layerwatch.histograms import Histograms, RankSum, Snapshot, owned_gradients
 from layerwatch.layers import let_compiled_code_see_hooks, select, unwrap
+from layerwatch.ranks import RankReducer
 from layerwatch.recorder import Recorder
 from layerwatch.report import Report, StepMeta
 from layerwatch.spool import Spool
@@ -98,6 +99,7 @@ class Monitor:
             "window": config.window_steps,
             "eps": config.eps,
             "sat_margin": config.sat_margin,
+            "per_rank": config.per_rank,
             "layerwatch": __version__,
             "torch": torch.__version__,
             "hparams": run_config or {},
@@ -118,8 +120,9 @@ class Monitor:
             {"index": i, "name": n, "shape": list(p.shape), "numel": p.numel()} for i, (n, p) in enumerate(self._params)
         ]
         online = config.mode == "online" and config.url is not None
+        self._combining = RankReducer.for_job(config.per_rank)  # rank 0 sends the job's rows (layerwatch.ranks)
         self._exporter = Exporter(
-            BatchBuilder(header, params, on_uncounted_nonfinite=self._count_nonfinite),
+            BatchBuilder(header, params, on_uncounted_nonfinite=self._count_nonfinite, reducer=self._combining),
             Spool(self.spool_dir, int(config.spool_max_mb * 1024 * 1024)),
             transport=HttpTransport(config.url, config.token, config.timeout) if online else None,
             max_queued_batches=config.max_queued_batches,
@@ -188,8 +191,9 @@ class Monitor:
         if self._window_pos >= self.config.window_steps:
             self._close_window()
         # A NaN or a loss jump seen by now (this step on CPU; on CUDA a step whose check has landed) sends the
-        # steps so far at once instead of at the interval's end; the next interval starts after them.
-        early = self._raise_local(self._tripwire.poll())
+        # steps so far at once instead of at the interval's end; the next interval starts after them. Not when
+        # ranks combine their reports: those come at the same steps on every rank (the alert is raised all the same).
+        early = self._raise_local(self._tripwire.poll()) and self._combining is None
         if early or len(self._steps) >= self.config.every:
             self._report()
 
@@ -221,6 +225,7 @@ class Monitor:
                 ready=ready,
                 end=end,
                 histograms=self._snapshots if self.rank == 0 else [],  # every rank holds the global counts
+                combine=self._combining is not None and end is None,  # the last partial interval: per rank
             )
         )
         self._steps, self._step_tensors, self._dead, self._snapshots = [], [], [], []
@@ -322,6 +327,9 @@ class Monitor:
         self._closed = True
         try:
             if not self._failed and self._window_pos:
+                # The last partial window per rank: a rank that stops early must not start a collective that
+                # the others, still training, would not match.
+                self._reducer.enabled = False
                 self._close_window()
             self._report(end=status)
         except Exception:

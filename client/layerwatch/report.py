@@ -44,6 +44,7 @@ class Report:
     ready: Any = None  # a CUDA event recorded after the copy, or None when the copy was synchronous
     end: str | None = None  # final status when this is the run's last report
     histograms: list[Snapshot] = field(default_factory=list)  # histogram steps of the interval (rank 0 only)
+    combine: bool = False  # a regular report of a job whose ranks combine their reports (see layerwatch.ranks)
 
 
 def translate(report: Report, values: list[float], weight_norms: dict[int, float]) -> list[dict[str, Any]]:

@@ -1,0 +1,161 @@
+"""One report for the whole job: a report interval's layer statistics combined across the ranks.
+
+Each rank measures its share of the global batch. At a regular report, every rank's raw activation sums
+(sums, squares, counts, extremes per layer and step) are gathered, combined (sums add, extremes extend, element
+counts add), and rank 0 alone sends the global rows: ``act_std`` is then the global batch's, and the rows a job
+stores do not grow with its world size. Per-rank detail stays where people ask it of wide jobs: per step the
+spread of the loss (``loss_min``, ``loss_max``, ``loss_argmax_rank``) and of the time between steps
+(``step_time_max``, ``step_time_argmax_rank``), each rank's mean of both per report (the batch's ``ranks``
+key), and the rank where the first NaN/Inf appeared.
+
+The collective runs on the exporter thread, over a gloo group of its own, on host copies: the training thread
+never waits for it, the device streams never hold it, and it cannot interleave with the training's own
+collectives. The contract that keeps it from deadlocking (see docs/reference.md, "Distributed training"):
+regular reports come at the same recorded steps on every rank (steps are collective under DDP/FSDP); the
+tripwire does not send early; ``close()`` sends its last partial interval per rank, without a collective. A
+gather whose peers never come (a rank that stopped early) fails when the peer's process leaves, or after
+``RANK_TIMEOUT``; then, as when the ranks' reports do not match (different layers, different steps), every
+rank sends its own rows from then on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import zlib
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from layerwatch import stats
+from layerwatch.recorder import StepCalls
+from layerwatch.report import Report
+
+log = logging.getLogger("layerwatch")
+
+RANK_TIMEOUT = 30.0  # seconds a report's gather waits for the other ranks before each rank sends its own rows
+
+
+class RankReducer:
+    """The report collective: two small blocking gathers on the exporter thread (a layout check, the numbers)."""
+
+    @classmethod
+    def for_job(cls, per_rank: bool) -> RankReducer | None:
+        """A reducer when torch.distributed is up with more than one rank and ``per_rank`` is off."""
+        if per_rank or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return None
+        return cls()
+
+    def __init__(self, timeout: float = RANK_TIMEOUT) -> None:
+        # new_group is itself collective: every rank calls watch() with the same per_rank setting.
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.enabled = True
+
+    def gather(self, layout: str, values: torch.Tensor) -> torch.Tensor | None:
+        """(world, n) every rank's ``values`` when every rank's ``layout`` is this one's; else None, and every
+        rank (all see the same layouts) sends its own rows from then on. None too when a peer does not come."""
+        if not self.enabled:
+            return None
+        try:
+            mine = torch.tensor([zlib.crc32(layout.encode()), values.numel()], dtype=torch.int64)
+            layouts = torch.empty(self.world * 2, dtype=torch.int64)
+            dist.all_gather_into_tensor(layouts, mine, group=self.group)
+            if not bool((layouts.view(self.world, 2) == mine).all()):
+                self.enabled = False
+                log.warning("layerwatch: ranks' reports differ (layers or steps); each rank sends its own rows now")
+                return None
+            out = values.new_empty(self.world * values.numel())
+            dist.all_gather_into_tensor(out, values.contiguous(), group=self.group)
+            return out.view(self.world, values.numel())
+        except Exception as exc:  # a peer left (stopped early) or timed out: never raise into the exporter
+            self.enabled = False
+            log.warning("layerwatch: the ranks' report could not be combined (%s); each rank sends its own rows", exc)
+            return None
+
+
+def layout(report: Report) -> str:
+    """What must be alike on every rank for their reports to combine: layers and steps."""
+    return repr(([layer["name"] for layer in report.layers], [meta.step for meta in report.steps]))
+
+
+def rank_values(report: Report, values: list[float], steps: list[dict[str, Any]], times: list[float]) -> torch.Tensor:
+    """This rank's part of the gather, float64 (counts stay exact): raw sums (layers x steps x RAW_WIDTH), the
+    elements per layer and step (0 where the layer did not run), the loss per step, the time since the last step."""
+    n_layers, n_steps = len(report.layers), len(report.steps)
+    raw = torch.tensor(values[: n_layers * n_steps * stats.RAW_WIDTH], dtype=torch.float64)
+    elements = torch.zeros(n_layers, n_steps, dtype=torch.float64)
+    for position, meta in enumerate(report.steps):
+        for index, count in meta.calls.elements.items():
+            elements[index, position] = count
+    loss = torch.tensor([math.nan if s["loss"] is None else s["loss"] for s in steps], dtype=torch.float64)
+    return torch.cat([raw, elements.reshape(-1), loss, torch.tensor(times, dtype=torch.float64)])
+
+
+class Combined:
+    """The ranks' numbers of one report combined: global raw sums and element counts, per-step loss and step-time
+    spread, and per (layer, step) the first rank whose activations were non-finite."""
+
+    def __init__(self, report: Report, per_rank: torch.Tensor) -> None:
+        world = per_rank.shape[0]
+        n_layers, n_steps, width = len(report.layers), len(report.steps), stats.RAW_WIDTH
+        cut = n_layers * n_steps * width
+        raw = per_rank[:, :cut].view(world, n_layers, n_steps, width)
+        elements = per_rank[:, cut : cut + n_layers * n_steps].view(world, n_layers, n_steps)
+        self.loss = per_rank[:, cut + n_layers * n_steps : cut + n_layers * n_steps + n_steps]  # (world, steps)
+        self.step_time = per_rank[:, cut + n_layers * n_steps + n_steps :]
+        ran = (elements > 0).unsqueeze(-1)  # a slot of a layer that did not run holds an older step's sums
+        sums = torch.where(ran, raw, 0.0).sum(0)
+        sums[..., stats.RAW_MAX] = torch.where(ran[..., 0], raw[..., stats.RAW_MAX], -math.inf).amax(0)
+        sums[..., stats.RAW_MIN] = torch.where(ran[..., 0], raw[..., stats.RAW_MIN], math.inf).amin(0)
+        self.raw = sums  # (layers, steps, width)
+        self.elements = elements.sum(0)  # (layers, steps)
+        bad = ran[..., 0] & ~torch.isfinite(raw[..., stats.RAW_SUM])
+        self.first_bad_rank = torch.where(bad.any(0), bad.float().argmax(0), -1)  # (layers, steps)
+
+    def apply(self, report: Report, values: list[float]) -> None:
+        """Put the global sums into ``values`` and the global element counts and layer order into the steps."""
+        n_layers, n_steps = self.elements.shape
+        values[: n_layers * n_steps * stats.RAW_WIDTH] = self.raw.reshape(-1).tolist()
+        counts = self.elements.tolist()
+        for position, meta in enumerate(report.steps):
+            ran = [i for i in range(n_layers) if counts[i][position] > 0]
+            order = meta.calls.order + [i for i in ran if i not in meta.calls.elements]
+            meta.calls = StepCalls(order=order, elements={i: int(counts[i][position]) for i in order})
+
+    def spread(self, steps: list[dict[str, Any]]) -> None:
+        """Per step: the loss as the ranks' mean, its spread and the rank of its largest; the slowest step time."""
+        for position, step in enumerate(steps):
+            loss = self.loss[:, position]
+            if not bool(loss.isnan().all()):
+                step["loss"] = loss.mean().item()
+                step["scalars"].update(
+                    loss_min=loss.min().item(), loss_max=loss.max().item(), loss_argmax_rank=float(loss.argmax())
+                )
+            took = self.step_time[:, position]
+            if bool(took.isfinite().all()):
+                step["scalars"].update(step_time_max=took.max().item(), step_time_argmax_rank=float(took.argmax()))
+
+    def ranks(self) -> dict[str, list[float | None]]:
+        """The batch's ``ranks`` key: each rank's mean loss and step time over the report (NaN-free means)."""
+        return {"loss_mean": _means(self.loss), "step_time_mean": _means(self.step_time)}
+
+    def origin_rank(self, origin: dict[str, Any], layer_names: list[str], first_step: int) -> int:
+        """The rank where ``origin`` (found in the global rows) first appeared."""
+        position = origin["step"] - first_step
+        if origin["pass"] == "forward" and origin["layer"] in layer_names:
+            rank = int(self.first_bad_rank[layer_names.index(origin["layer"]), position])
+            return max(rank, 0)
+        if origin["pass"] == "loss":
+            bad = ~torch.isfinite(self.loss[:, position])
+            return int(bad.float().argmax()) if bool(bad.any()) else 0
+        return origin["rank"]  # gradients: DDP and FSDP make them the same on every rank
+
+
+def _means(per_rank: torch.Tensor) -> list[float | None]:
+    finite = per_rank.isfinite()
+    counts = finite.sum(1)
+    totals = torch.where(finite, per_rank, 0.0).sum(1)
+    return [t / c if c else None for t, c in zip(totals.tolist(), counts.tolist(), strict=True)]

@@ -1,0 +1,152 @@
+"""Reports combined across ranks (per_rank=False) on real gloo processes: the global rows equal one process's
+statistics of the same global batch, the rows a job sends do not grow with its world size, a NaN's origin names
+its rank, and a rank that stops early leaves the others to finish."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import layerwatch
+from tests.client.conftest import read_spool
+from tests.client.test_ddp import _free_port
+
+STEPS, EVERY, BATCH = 4, 2, 8
+LAYER_STATS = ("act_mean", "act_std", "act_max_abs", "zero_frac", "dead_frac")
+PARAM_STATS = ("grad_norm", "grad_max_abs", "weight_norm")
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3), nn.Tanh())
+
+
+def _global_batches() -> list[torch.Tensor]:
+    torch.manual_seed(1)
+    return [torch.randn(BATCH, 6) - 0.5 for _ in range(STEPS)]
+
+
+def _train(model: nn.Module, batches: list[torch.Tensor], spool_dir: str, **settings: Any) -> None:
+    mon = layerwatch.watch(model, mode="offline", spool_dir=spool_dir, every=EVERY, param_every=1, **settings)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x in batches:
+        loss = model(x).square().mean()
+        loss.backward()
+        mon.step(loss=loss, lr=0.1)
+        opt.step()
+        opt.zero_grad()
+    mon.close()
+
+
+def _worker(rank: int, world: int, port: int, spool_dir: str, nan_rank: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        share = BATCH // world
+        batches = [x[rank * share : (rank + 1) * share].clone() for x in _global_batches()]
+        if rank == nan_rank:
+            batches[STEPS - 1][0, 0] = math.nan  # this rank's last step goes NaN
+        _train(DistributedDataParallel(_model()), batches, spool_dir, per_rank=False)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world: int, spool_dir: Path, nan_rank: int = -1) -> list[dict[str, Any]]:
+    mp.spawn(_worker, args=(world, _free_port(), str(spool_dir), nan_rank), nprocs=world, join=True)
+    return read_spool(spool_dir)
+
+
+def _rows(batches: list[dict[str, Any]]) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """(kind, name, step) -> {stat: value} over every batch."""
+    out = {}
+    for batch in batches:
+        layers = {e["index"]: e["name"] for e in batch["layers"]}
+        params = {e["index"]: e["name"] for e in batch["params"]}
+        for step in batch["steps"]:
+            for row in step["layers"]:
+                out["layer", layers[row[0]], step["step"]] = dict(zip(batch["layer_stats"], row[1:], strict=True))
+            for row in step["params"]:
+                out["param", params[row[0]], step["step"]] = dict(zip(batch["param_stats"], row[1:], strict=True))
+            out["step", "", step["step"]] = {"loss": step["loss"], **step["scalars"]}
+    return out
+
+
+def _count_rows(batches: list[dict[str, Any]]) -> int:
+    return sum(len(s["layers"]) + len(s["params"]) for b in batches for s in b["steps"])
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@pytest.mark.parametrize("world", [2, 4])
+def test_combined_rows_equal_one_process_on_the_global_batch(tmp_path: Path, world: int):
+    _train(_model(), _global_batches(), str(tmp_path / "one"))
+    alone = read_spool(tmp_path / "one")
+    batches = _spawn(world, tmp_path / "job")
+
+    assert {b["rank"] for b in batches if b["steps"]} == {0}  # rank 0 sends the job's rows
+    assert _count_rows(batches) == _count_rows(alone) > 0  # the same rows as one process
+    want, got = _rows(alone), _rows(batches)
+    assert want.keys() == got.keys()
+    for key, row in want.items():
+        kind = key[0]
+        names = LAYER_STATS if kind == "layer" else PARAM_STATS if kind == "param" else ("loss",)
+        for name in names:
+            if row[name] is None:
+                assert got[key][name] is None, (key, name)
+            else:
+                assert got[key][name] == pytest.approx(row[name], rel=1e-5, abs=1e-6), (key, name)
+    for step in range(STEPS):
+        spread = got["step", "", step]
+        assert spread["loss_min"] <= spread["loss"] <= spread["loss_max"]
+        assert 0 <= spread["loss_argmax_rank"] < world
+    assert any("step_time_max" in got["step", "", s] for s in range(STEPS))
+    per_rank = [b["ranks"] for b in batches if "ranks" in b]
+    assert per_rank and all(len(r["loss_mean"]) == world for r in per_rank)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_per_rank_keeps_each_ranks_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The default (per_rank=True): every rank sends its own rows, as before."""
+    monkeypatch.setenv("LAYERWATCH_PER_RANK", "1")
+    from tests.client.test_ddp import test_ranks_share_one_run_and_dead_masks_are_global
+
+    test_ranks_share_one_run_and_dead_masks_are_global(tmp_path)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_nonfinite_origin_names_the_rank_it_appeared_on(tmp_path: Path):
+    batches = _spawn(2, tmp_path, nan_rank=1)
+    origins = [b["nonfinite_origin"] for b in batches if b.get("nonfinite_origin")]
+    assert origins == [{"step": STEPS - 1, "pass": "forward", "layer": "0", "rank": 1}]
+
+
+def _stopping_worker(rank: int, world: int, port: int, spool_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        steps = EVERY if rank == 1 else 3 * EVERY  # rank 1 leaves after one report, rank 0 goes on
+        _train(_model(), _global_batches()[:1] * steps, spool_dir, per_rank=False)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_a_rank_that_stops_early_does_not_hang_the_others(tmp_path: Path):
+    context = mp.spawn(_stopping_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 90
+    while not context.join(timeout=1):
+        assert time.monotonic() < deadline, "a rank hung"
+    batches = read_spool(tmp_path)
+    steps = {(b["rank"], s["step"]) for b in batches for s in b["steps"]}
+    # Steps 0-1 combined (rank 0 sends them); then rank 0 goes on alone and sends its own rows.
+    assert steps == {(0, s) for s in range(3 * EVERY)}
+    assert {b["rank"]: b["end"] for b in batches if b["end"]} == {0: {"status": "finished"}, 1: {"status": "finished"}}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -127,10 +126,6 @@ def plan_keys(
                     continue
                 out[(d.id, stat)] = param_key(d.name, stat) if name_of else layer_key(kinds[d.id], d.name, stat)
     return Budget(layer_keys, param_keys, dropped)
-
-
-def is_finite(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)
 
 
 def flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import fnmatch
 import random
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, Engine, or_, select, update
 from sqlalchemy.orm import Session
@@ -21,6 +21,22 @@ from layerwatch_server.storage.alerts import Obs
 from layerwatch_server.storage.models import AlertRow, OutboxRow, Silence
 
 LEASE_S = 60.0
+
+
+class Claimed(NamedTuple):
+    """An outbox row leased to this process: what the sender needs to send it and record the outcome."""
+
+    id: int
+    channel: str
+    key: str
+    payload: dict[str, Any]
+    attempts: int
+    created_at: dt.datetime
+    history: list[Any] | None
+
+    @classmethod
+    def of(cls, row: OutboxRow) -> Claimed:
+        return cls(row.id, row.channel, row.key, row.payload, row.attempts, row.created_at, row.history)
 
 
 def silenced(session: Session, alert: AlertRow, now: dt.datetime) -> bool:
@@ -79,7 +95,7 @@ def enqueue(
     return rows
 
 
-def claim(conn: Connection, now: dt.datetime, ids: list[int] | None = None, limit: int = 50) -> list[OutboxRow]:
+def claim(conn: Connection, now: dt.datetime, ids: list[int] | None = None, limit: int = 50) -> list[Claimed]:
     """Lease due rows (or just ``ids``) to this process; the caller commits, then sends."""
     due = select(OutboxRow.id).where(
         OutboxRow.state == "pending",
@@ -105,7 +121,7 @@ def claim(conn: Connection, now: dt.datetime, ids: list[int] | None = None, limi
             OutboxRow.history,
         )
     )
-    return list(conn.execute(stmt))  # type: ignore[arg-type]
+    return [Claimed(*row) for row in conn.execute(stmt)]
 
 
 def record(

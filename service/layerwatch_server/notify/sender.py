@@ -8,11 +8,12 @@ are recorded after a pass's sends, in one transaction (on SQLite every write wai
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import NamedTuple
 
 import httpx
 from sqlalchemy import Engine
@@ -27,6 +28,16 @@ from layerwatch_server.storage.models import OutboxRow
 log = logging.getLogger("layerwatch_server.notify")
 
 
+class Outcome(NamedTuple):
+    """One delivery attempt, recorded after a pass's sends."""
+
+    row: outbox.Claimed
+    at: dt.datetime
+    error: str | None
+    permanent: bool
+    status: int | None
+
+
 class Sender:
     def __init__(self, engine: Engine, cfg: Callable[[], NotifyConfig], poll_s: float = 1.0) -> None:
         self.engine, self.cfg, self.poll_s = engine, cfg, poll_s
@@ -34,20 +45,17 @@ class Sender:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._client = httpx.Client()
-        self._handed: deque[tuple[Any, ...]] = deque()
+        self._handed: deque[outbox.Claimed] = deque()
 
     def hand(self, rows: Iterable[OutboxRow]) -> None:
         """Rows just committed (leased to this process by :func:`outbox.enqueue`): send them now."""
-        self._handed.extend((r.id, r.channel, r.key, r.payload, r.attempts, r.created_at, r.history) for r in rows)
+        self._handed.extend(outbox.Claimed.of(r) for r in rows)
         self._wake.set()
 
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="layerwatch-notify", daemon=True)
             self._thread.start()
-
-    def wake(self) -> None:
-        self._wake.set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -77,38 +85,38 @@ class Sender:
         self._deliver(rows)
         return len(rows)
 
-    def _deliver(self, rows: list[Any]) -> None:
+    def _deliver(self, rows: list[outbox.Claimed]) -> None:
         cfg = self.cfg()
-        outcomes = []
-        for row_id, channel, key, payload, attempts, created, history in rows:
-            ch = cfg.channels.get(channel)
+        outcomes: list[Outcome] = []
+        for row in rows:
+            ch = cfg.channels.get(row.channel)
             error, permanent, status = None, False, None
             try:
                 if ch is None:
-                    raise DeliveryError(f"channel {channel!r} is no longer configured", permanent=True)
-                status = send(ch, payload, key, self._client, cfg.notify.renotify_s)
+                    raise DeliveryError(f"channel {row.channel!r} is no longer configured", permanent=True)
+                status = send(ch, row.payload, row.key, self._client, cfg.notify.renotify_s)
             except DeliveryError as exc:
                 error, permanent, status = str(exc), exc.permanent, exc.status
             except Exception as exc:  # a bug in one channel must not stop the others
-                log.exception("channel %s failed", channel)
+                log.exception("channel %s failed", row.channel)
                 error = f"{type(exc).__name__}: {exc}"
-            outcomes.append((row_id, channel, key, attempts, created, history, utcnow(), error, permanent, status))
+            outcomes.append(Outcome(row, utcnow(), error, permanent, status))
         if not outcomes:
             return
         with writer(self.engine).begin() as conn:
-            for row_id, channel, key, attempts, created, history, at, error, permanent, status in outcomes:
+            for o in outcomes:
                 state = outbox.record(
                     conn,
-                    row_id,
-                    attempts,
-                    created,
-                    history,
-                    at,
-                    error,
-                    permanent=permanent,
-                    status=status,
+                    o.row.id,
+                    o.row.attempts,
+                    o.row.created_at,
+                    o.row.history,
+                    o.at,
+                    o.error,
+                    permanent=o.permanent,
+                    status=o.status,
                     max_backoff_s=cfg.notify.max_backoff_s,
                     give_up_s=cfg.notify.give_up_s,
                 )
-                if error:
-                    log.warning("notification %s to %s: %s (now %s)", key, channel, error, state)
+                if o.error:
+                    log.warning("notification %s to %s: %s (now %s)", o.row.key, o.row.channel, o.error, state)

@@ -17,7 +17,7 @@ from typing import Any
 from layerwatch import wire
 from layerwatch_server.core.batch import Batch, StepIn
 from layerwatch_server.core.layers import PRE_ACTIVATIONS, dead_judged
-from layerwatch_server.rules.spec import Rule
+from layerwatch_server.rules.spec import Rule, builtin_setting
 from layerwatch_server.storage.alerts import Obs
 
 OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le, "==": operator.eq, "!=": operator.ne}
@@ -219,7 +219,7 @@ def gradient_jump(r: Rule, v: StepView, mem: dict[str, Any]) -> Obs | None:
             else ""
         )
         obs = Obs(r.name, "", breach, g, limit, msg)
-    _push(hist, g, r.window or 100)
+    _push(hist, g, builtin_setting(r, "window"))
     return obs
 
 
@@ -306,7 +306,7 @@ def loss_spike(r: Rule, v: StepView, mem: dict[str, Any]) -> list[Obs]:
     del risen[: -(RISE_OF[1] - 1)]
     if len(first) < 5:
         _push(first, v.loss, 5)
-    _push(hist, v.loss, r.window or 100)
+    _push(hist, v.loss, builtin_setting(r, "window"))
     return out
 
 
@@ -317,7 +317,8 @@ def loss_plateau(r: Rule, v: StepView, mem: dict[str, Any]) -> list[Obs]:
     spread) when the loss is noisier than that; a gain inside the noise is no progress. Judged at block ends."""
     if v.loss is None or not math.isfinite(v.loss):
         return []
-    size, span = r.window or 10, max(2, (r.patience or 300) // (r.window or 10))
+    size = builtin_setting(r, "window")
+    span = max(2, builtin_setting(r, "patience") // size)
     block: list[float] = mem.setdefault(f"{r.name}.block", [])
     medians: list[float] = mem.setdefault(f"{r.name}.medians", [])  # (the rule's name held a best until 2026-12)
     block.append(v.loss)

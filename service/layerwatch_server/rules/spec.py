@@ -11,8 +11,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from layerwatch import wire
-
 Severity = Literal["info", "warning", "critical"]
 Op = Literal[">", ">=", "<", "<=", "==", "!="]
 BUILTIN_KINDS = (
@@ -55,7 +53,6 @@ BUILTINS: dict[str, dict[str, Any]] = {
     },
     "stalled": {"severity": "critical", "threshold": 300.0},
 }
-KNOWN_STATS = (*wire.STEP_STATS, *wire.LAYER_STATS, *wire.PARAM_STATS)
 
 
 class RuleError(ValueError):
@@ -104,6 +101,13 @@ class Rule(BaseModel):
 
     def matches_layer(self, name: str) -> bool:
         return self.layer is None or fnmatch.fnmatchcase(name, self.layer)
+
+
+def builtin_setting(rule: Rule, field: str) -> Any:
+    """A parameter of a built-in kind: the rule's own, else the kind's default in :data:`BUILTINS` (for a rule of
+    that kind under another name, or one whose field was set to null)."""
+    value = getattr(rule, field)
+    return BUILTINS[rule.kind][field] if value is None else value
 
 
 def parse_rule(name: str, data: dict[str, Any]) -> Rule:

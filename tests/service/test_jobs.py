@@ -74,3 +74,26 @@ def test_retention_rolls_up_old_steps_and_series_shows_them(engine, db_url):
             )
         assert nan_count == 1  # the one NaN act_mean of the first bucket, over both layers
         assert roll_up(engine, cutoff=math.inf, bucket=100) == 0  # idempotent
+
+
+def test_retention_deletes_old_histograms_and_edges_no_histogram_uses(engine, db_url):
+    from layerwatch_server.storage.histograms import edges_id
+    from layerwatch_server.storage.models import histogram_edges, histograms
+
+    from .test_histograms import entry, with_histograms
+
+    app = create_app(Settings(db_url=db_url, no_auth=True, scheduler=False), engine)
+    kept_edges, gone_edges = [-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0]
+    with TestClient(app) as client:
+        steps = range(0, 250, 10)
+        body = make_batch(unique("k"), steps=range(250), n_layers=2, project=unique())
+        long_run = post(client, with_histograms(body, [entry("blocks.0.fc", s, [1, 2, 3, 4]) for s in steps]))
+        body = make_batch(unique("k"), steps=range(100), n_layers=2, project=unique())
+        short_run = post(client, with_histograms(body, [entry("blocks.0.fc", 50, [4, 3, 2, 1])], gone_edges))
+        assert roll_up(engine, cutoff=math.inf, bucket=100) > 0
+        with engine.connect() as conn:
+            left = conn.execute(select(histograms.c.run_id, histograms.c.step)).all()
+            edges = set(conn.scalars(select(histogram_edges.c.id)))
+    assert sorted(left) == [(long_run.json()["run_id"], s) for s in range(200, 250, 10)]  # whole buckets only
+    assert short_run.json()["run_id"] not in {run for run, _ in left}
+    assert edges_id(kept_edges) in edges and edges_id(gone_edges) not in edges

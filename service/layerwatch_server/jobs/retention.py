@@ -5,6 +5,12 @@ rows or their rollups, never both halves missing.
 Only whole buckets are rolled up (all steps below ``boundary``, a multiple of the bucket size). Min,
 max and mean ignore NaN (``nan_count`` keeps it visible); +/-Inf are kept as values. User scalars are
 not rolled up.
+
+Histograms are deleted, not rolled up: a per-layer histogram is taken every ``histogram_every`` steps (100 by
+default), already as coarse as a rollup bucket, and the pictures they feed are of recent training. They go in
+the transaction of each rank's rollup, up to its boundary (every step below it is older than the cutoff: they
+are run-wide, sent by rank 0). Bin edges no histogram uses any more are deleted after
+(:func:`delete_orphan_edges`).
 """
 
 from __future__ import annotations
@@ -20,7 +26,16 @@ from sqlalchemy import Connection, Engine, delete, func, select
 from layerwatch import wire
 from layerwatch_server.storage.base import db_float, dialect_insert
 from layerwatch_server.storage.engine import writer
-from layerwatch_server.storage.models import Layer, Param, Rollup, layer_stats, param_stats, step_stats
+from layerwatch_server.storage.models import (
+    Layer,
+    Param,
+    Rollup,
+    histogram_edges,
+    histograms,
+    layer_stats,
+    param_stats,
+    step_stats,
+)
 from layerwatch_server.storage.ticks import JobFn
 
 log = logging.getLogger("layerwatch_server.jobs")
@@ -50,7 +65,37 @@ def roll_up(engine: Engine, *, cutoff: float, bucket: int) -> int:
             continue
         with writer(engine).begin() as conn:
             total += _roll_rank(conn, run_id, rank, boundary, bucket)
+            conn.execute(delete(histograms).where(histograms.c.run_id == run_id, histograms.c.step < boundary))
+    if total:
+        delete_orphan_edges(engine)
     return total
+
+
+def delete_orphan_edges(engine: Engine) -> int:
+    """Delete the bin edges no histogram refers to; returns how many.
+
+    Ingest registers a batch's edges (insert, or nothing when they are known) before its histograms, in one
+    transaction. On PostgreSQL that insert does not lock a known row, so the edges are re-checked under a table
+    lock that waits for ingest transactions in flight (and holds new ones back for the moment the re-check
+    takes): their histograms are then visible, and edges they use are kept. SQLite has one writer at a time.
+    The first look, without the lock, finds the candidates: usually none (every run uses the same bins).
+    """
+
+    def unused(conn: Connection, ids: list[str]) -> list[str]:
+        used = select(histograms.c.edges_id).where(histograms.c.edges_id == histogram_edges.c.id).exists()
+        return list(conn.scalars(select(histogram_edges.c.id).where(histogram_edges.c.id.in_(ids), ~used)))
+
+    with engine.connect() as conn:
+        candidates = unused(conn, list(conn.scalars(select(histogram_edges.c.id))))
+    if not candidates:
+        return 0
+    with writer(engine).begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql("LOCK TABLE histogram_edges IN SHARE ROW EXCLUSIVE MODE")
+        orphans = unused(conn, candidates)
+        if orphans:
+            conn.execute(delete(histogram_edges).where(histogram_edges.c.id.in_(orphans)))
+    return len(orphans)
 
 
 def _roll_rank(conn: Connection, run_id: str, rank: int, boundary: int, bucket: int) -> int:

@@ -82,6 +82,7 @@ def test_email_arrives_with_the_alert_context(db_url, engine, tmp_path, smtp):
     assert "100% of its 16 units dead" in text
     assert "dead_frac=1" in text  # the recent reports of the offending series
     assert f"alert: http://collector.local:8000/api/v1/alerts/{alert['id']}" in text
+    assert f"health_map: http://collector.local:8000/api/v1/runs/{body['run_id']}/health_map" in text
     assert note[0]["state"] == "sent" and note[0]["attempts"] == 1
 
 

@@ -58,6 +58,7 @@ def build(
     if notify.public_url:
         links["alert"] = f"{notify.public_url.rstrip('/')}/api/v1/alerts/{alert.id}"
         links["run"] = f"{notify.public_url.rstrip('/')}/api/v1/runs/{alert.run_id}"
+        links["health_map"] = f"{notify.public_url.rstrip('/')}/api/v1/runs/{alert.run_id}/health_map"
     if notify.mlflow_ui_url and run_row is not None and run_row.mlflow_run_id:
         links["mlflow"] = f"{notify.mlflow_ui_url.rstrip('/')}/#/runs/{run_row.mlflow_run_id}"
     return finite_json(

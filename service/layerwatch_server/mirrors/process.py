@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from layerwatch_server.core.backoff import backoff_s
 from layerwatch_server.mirrors.mlflow_mirror import MirrorConfig, MlflowMirror
 
 log = logging.getLogger("layerwatch_server.mirrors")
@@ -147,7 +148,7 @@ class MirrorProcess:
                 continue
             # a child that ran a while before dying starts the backoff anew
             failures = 1 if time.monotonic() - self._started_at > MAX_RESTART_WAIT_S else failures + 1
-            wait = min(MAX_RESTART_WAIT_S, 2.0 ** (failures - 1))
+            wait = backoff_s(failures, max_s=MAX_RESTART_WAIT_S, jitter=0.0)
             log.error("MLflow mirror process exited with %s; starting it again in %.0fs", self._proc.exitcode, wait)
             if self._closing.wait(wait):
                 return

@@ -21,7 +21,7 @@ from layerwatch_server.storage.base import dialect_insert, utcnow
 from layerwatch_server.storage.engine import writer
 from layerwatch_server.storage.models import (
     Layer,
-    MlflowMirror,
+    MlflowMirrorRow,
     Param,
     Project,
     Run,
@@ -55,7 +55,7 @@ class RunState:
 
 def pending_runs(engine: Engine, limit: int, run_id: str | None = None) -> list[RunState]:
     """Runs with no MLflow run yet, with steps past the cursor, or whose status MLflow does not show."""
-    m = MlflowMirror
+    m = MlflowMirrorRow
     stmt = (
         select(
             Run.id,
@@ -198,7 +198,7 @@ def save(engine: Engine, run: RunState) -> None:
         "updated_at": utcnow(),
     }
     with writer(engine).begin() as conn:
-        stmt = dialect_insert(conn, MlflowMirror).values(run_id=run.id, **values)
+        stmt = dialect_insert(conn, MlflowMirrorRow).values(run_id=run.id, **values)
         conn.execute(stmt.on_conflict_do_update(index_elements=["run_id"], set_=values))
 
 
@@ -210,7 +210,7 @@ def set_mlflow_run_id(engine: Engine, run_id: str, mlflow_run_id: str | None) ->
 def reset(engine: Engine, run_id: str) -> None:
     """Forget that a run was mirrored (backfill into a new MLflow server starts from scratch)."""
     with writer(engine).begin() as conn:
-        conn.execute(MlflowMirror.__table__.delete().where(MlflowMirror.run_id == run_id))
+        conn.execute(MlflowMirrorRow.__table__.delete().where(MlflowMirrorRow.run_id == run_id))
         conn.execute(update(Run).where(Run.id == run_id).values(mlflow_run_id=None))
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import datetime as dt
 import fnmatch
-import random
 from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, Engine, or_, select, update
 from sqlalchemy.orm import Session
 
+from layerwatch_server.core.backoff import backoff_s
 from layerwatch_server.notify.config import NotifyConfig
 from layerwatch_server.notify.payload import build
 from layerwatch_server.storage.alerts import Obs
@@ -147,7 +147,7 @@ def record(
     elif permanent or now - created > dt.timedelta(seconds=give_up_s):
         values.update(state="failed")
     else:
-        backoff = min(max_backoff_s, 0.5 * 2**attempts) * random.uniform(0.8, 1.2)
+        backoff = backoff_s(attempts + 1, first_s=0.5, max_s=max_backoff_s)
         values.update(state="pending", next_at=now + dt.timedelta(seconds=backoff))
     conn.execute(update(OutboxRow).where(OutboxRow.id == row_id).values(**values))
     return values["state"]

@@ -206,7 +206,7 @@ histograms = Table(
 )
 
 
-class MlflowMirror(Base):
+class MlflowMirrorRow(Base):
     """Per-run MLflow mirror cursor: rank-0 steps up to ``last_step`` are in MLflow (restart-safe)."""
 
     __tablename__ = "mlflow_mirror"

@@ -6,8 +6,9 @@
 Each world runs the real client in offline mode on a 20-block Linear+ReLU MLP (40 watched layers, 40
 parameters, ``every=10``) under DDP, once with ``per_rank=False`` (rank 0 sends the rows combined across the
 ranks) and once with ``per_rank=True``; the rows are counted in the spool. Then the per-report collective alone:
-``RankReducer.gather`` (a layout check and the gather of every rank's raw sums, on the exporter thread, gloo) on
-a vector of the size a report of that model has, timed over 20 reports after 3 to warm up, on rank 0.
+``RankReducer.combine`` (a layout check, then a SUM and a MAX all_reduce of the raw sums and extremes and an
+all_gather of each rank's loss and step times, on the exporter thread, gloo) on vectors of the sizes a report of
+that model has, timed over 20 reports after 3 to warm up, on rank 0.
 """
 
 from __future__ import annotations
@@ -41,8 +42,7 @@ def _worker(rank: int, world: int, port: int, spool: str, steps: int, per_rank: 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         import layerwatch
-        from layerwatch import stats
-        from layerwatch.ranks import RankReducer
+        from layerwatch.ranks import Part, RankReducer
 
         torch.manual_seed(0)
         layers = [m for _ in range(BLOCKS) for m in (nn.Linear(WIDTH, WIDTH), nn.ReLU())]
@@ -55,15 +55,21 @@ def _worker(rank: int, world: int, port: int, spool: str, steps: int, per_rank: 
             model.zero_grad()
         mon.close()
         if world > 1 and not per_rank:
-            size = 2 * BLOCKS * EVERY * (stats.RAW_WIDTH + 1) + 2 * EVERY  # raw sums, elements, loss, step time
-            reducer, values, took = RankReducer(), torch.randn(size, dtype=torch.float64), []
+            cells = 2 * BLOCKS * EVERY  # layers x steps of one report
+            part = Part(
+                torch.randn(cells * 6, dtype=torch.float64),  # additive raw columns and element counts
+                torch.randn(cells * 3, dtype=torch.float64),  # max, -min, first non-finite rank
+                torch.randn(2 * EVERY, dtype=torch.float64),  # loss and step time per step
+            )
+            size = 8 * (part.sums.numel() + part.highs.numel() + part.ranks.numel())
+            reducer, took = RankReducer(), []
             for i in range(23):
                 start = time.perf_counter()
-                reducer.gather("layout", values)
+                assert reducer.combine("layout", part) is not None
                 if i >= 3:
                     took.append(time.perf_counter() - start)
             if rank == 0:
-                Path(out).write_text(f"{statistics.median(took) * 1e3:.3f} {max(took) * 1e3:.3f} {size * 8}")
+                Path(out).write_text(f"{statistics.median(took) * 1e3:.3f} {max(took) * 1e3:.3f} {size}")
     finally:
         dist.destroy_process_group()
 

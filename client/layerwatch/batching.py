@@ -19,7 +19,7 @@ import msgpack
 
 from layerwatch import wire
 from layerwatch.histograms import wire_section
-from layerwatch.ranks import Combined, RankReducer, layout, rank_values
+from layerwatch.ranks import Combined, RankReducer, layout, rank_part
 from layerwatch.report import Report, first_nonfinite, translate, uncounted_nonfinite
 
 
@@ -55,11 +55,13 @@ class BatchBuilder:
             self.on_uncounted_nonfinite = None  # once: counting stays on for the rest of the run
         combined = None
         if report.combine and self.reducer is not None:
-            per_rank = self.reducer.gather(layout(report), rank_values(report, values, steps, times))
-            if per_rank is not None:
-                if self.header["rank"] != 0:
+            reducer = self.reducer
+            part = rank_part(report, values, steps, times, reducer.rank, reducer.world)
+            whole = reducer.combine(layout(report), part)
+            if whole is not None:
+                if reducer.rank != 0:
                     return []  # rank 0 sends the job's rows
-                combined = Combined(report, per_rank)
+                combined = Combined(report, whole, reducer.world)
                 combined.apply(report, values)
                 steps = translate(report, values, self._weight_norms)
                 combined.spread(steps)

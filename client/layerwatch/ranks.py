@@ -6,7 +6,8 @@ counts add), and rank 0 alone sends the global rows: ``act_std`` is then the glo
 stores do not grow with its world size. Per-rank detail stays where people ask it of wide jobs: per step the
 spread of the loss (``loss_min``, ``loss_max``, ``loss_argmax_rank``) and of the time between steps
 (``step_time_max``, ``step_time_argmax_rank``), each rank's mean of both per report (the batch's ``ranks``
-key), and the rank where the first NaN/Inf appeared.
+key), and the rank where the first NaN/Inf appeared. What travels does not grow with the world size but for
+those per-rank loss and step times (two numbers per step and rank).
 
 The collective runs on the exporter thread, over a gloo group of its own, on host copies: the training thread
 never waits for it, the device streams never hold it, and it cannot interleave with the training's own
@@ -23,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import zlib
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -39,7 +41,9 @@ RANK_TIMEOUT = 30.0  # seconds a report's gather waits for the other ranks befor
 
 
 class RankReducer:
-    """The report collective: two small blocking gathers on the exporter thread (a layout check, the numbers)."""
+    """The report's collectives, on the exporter thread over a gloo group of its own: a layout check, then the
+    sums (one SUM all_reduce), the extremes (one MAX all_reduce) and the per-rank loss and step times (one small
+    all_gather) in flight together. Only the last grows with the world size: two floats per step and rank."""
 
     @classmethod
     def for_job(cls, per_rank: bool) -> RankReducer | None:
@@ -54,26 +58,46 @@ class RankReducer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.enabled = True
 
-    def gather(self, layout: str, values: torch.Tensor) -> torch.Tensor | None:
-        """(world, n) every rank's ``values`` when every rank's ``layout`` is this one's; else None, and every
-        rank (all see the same layouts) sends its own rows from then on. None too when a peer does not come."""
+    def combine(self, layout: str, mine: Part) -> Part | None:
+        """Every rank's ``mine`` combined (``ranks`` gathered, (world, n)) when every rank's ``layout`` is this one's;
+        else None, and every rank (all see the same layouts) sends its own rows from then on. None too when a peer
+        does not come (it stopped early)."""
         if not self.enabled:
             return None
         try:
-            mine = torch.tensor([zlib.crc32(layout.encode()), values.numel()], dtype=torch.int64)
-            layouts = torch.empty(self.world * 2, dtype=torch.int64)
-            dist.all_gather_into_tensor(layouts, mine, group=self.group)
-            if not bool((layouts.view(self.world, 2) == mine).all()):
+            key, sizes = zlib.crc32(layout.encode()), (mine.sums.numel(), mine.highs.numel(), mine.ranks.numel())
+            header = torch.tensor([key, -key, *sizes, *(-n for n in sizes)], dtype=torch.int64)
+            dist.all_reduce(header, op=dist.ReduceOp.MAX, group=self.group)
+            if header[0] != -header[1] or any(header[2:5] != -header[5:]):
                 self.enabled = False
                 log.warning("layerwatch: ranks' reports differ (layers or steps); each rank sends its own rows now")
                 return None
-            out = values.new_empty(self.world * values.numel())
-            dist.all_gather_into_tensor(out, values.contiguous(), group=self.group)
-            return out.view(self.world, values.numel())
+            sums, highs = mine.sums.clone(), mine.highs.clone()
+            ranks = mine.ranks.new_empty(self.world * mine.ranks.numel())
+            works = [
+                dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.group, async_op=True),
+                dist.all_reduce(highs, op=dist.ReduceOp.MAX, group=self.group, async_op=True),
+                dist.all_gather_into_tensor(ranks, mine.ranks, group=self.group, async_op=True),
+            ]
+            for work in works:
+                work.wait()
+            return Part(sums, highs, ranks.view(self.world, -1))
         except Exception as exc:  # a peer left (stopped early) or timed out: never raise into the exporter
             self.enabled = False
             log.warning("layerwatch: the ranks' report could not be combined (%s); each rank sends its own rows", exc)
             return None
+
+
+@dataclass
+class Part:
+    """A rank's numbers of one report, float64 (counts stay exact), each to be combined its own way."""
+
+    sums: torch.Tensor  # summed: the additive raw columns (layers x steps x 5), then elements (layers x steps)
+    highs: torch.Tensor  # max-reduced: max, -min (layers x steps each), then world - rank where a sum was non-finite
+    ranks: torch.Tensor  # gathered: the loss per step, then the seconds since the step before
+
+
+_ADDITIVE = (stats.RAW_SUM, stats.RAW_SUMSQ, stats.RAW_FINITE, stats.RAW_NONZERO, stats.RAW_SAT)
 
 
 def layout(report: Report) -> str:
@@ -81,39 +105,45 @@ def layout(report: Report) -> str:
     return repr(([layer["name"] for layer in report.layers], [meta.step for meta in report.steps]))
 
 
-def rank_values(report: Report, values: list[float], steps: list[dict[str, Any]], times: list[float]) -> torch.Tensor:
-    """This rank's part of the gather, float64 (counts stay exact): raw sums (layers x steps x RAW_WIDTH), the
-    elements per layer and step (0 where the layer did not run), the loss per step, the time since the last step."""
+def rank_part(
+    report: Report, values: list[float], steps: list[dict[str, Any]], times: list[float], rank: int, world: int
+) -> Part:
+    """This rank's part of a report: ``values`` its flat numbers, ``steps`` translated, ``times`` between steps."""
     n_layers, n_steps = len(report.layers), len(report.steps)
     raw = torch.tensor(values[: n_layers * n_steps * stats.RAW_WIDTH], dtype=torch.float64)
+    raw = raw.view(n_layers, n_steps, stats.RAW_WIDTH)
     elements = torch.zeros(n_layers, n_steps, dtype=torch.float64)
     for position, meta in enumerate(report.steps):
         for index, count in meta.calls.elements.items():
             elements[index, position] = count
-    loss = torch.tensor([math.nan if s["loss"] is None else s["loss"] for s in steps], dtype=torch.float64)
-    return torch.cat([raw, elements.reshape(-1), loss, torch.tensor(times, dtype=torch.float64)])
+    ran = elements > 0  # a slot of a layer that did not run holds an older step's sums
+    sums = torch.where(ran.unsqueeze(-1), raw[..., list(_ADDITIVE)], 0.0)
+    high = torch.where(ran, raw[..., stats.RAW_MAX], -math.inf)
+    low = torch.where(ran, -raw[..., stats.RAW_MIN], -math.inf)
+    bad = torch.where(ran & ~torch.isfinite(raw[..., stats.RAW_SUM]), float(world - rank), 0.0)
+    loss = [math.nan if s["loss"] is None else s["loss"] for s in steps]
+    return Part(
+        torch.cat([sums.reshape(-1), elements.reshape(-1)]),
+        torch.cat([high.reshape(-1), low.reshape(-1), bad.reshape(-1)]),
+        torch.tensor(loss + times, dtype=torch.float64),
+    )
 
 
 class Combined:
     """The ranks' numbers of one report combined: global raw sums and element counts, per-step loss and step-time
     spread, and per (layer, step) the first rank whose activations were non-finite."""
 
-    def __init__(self, report: Report, per_rank: torch.Tensor) -> None:
-        world = per_rank.shape[0]
-        n_layers, n_steps, width = len(report.layers), len(report.steps), stats.RAW_WIDTH
-        cut = n_layers * n_steps * width
-        raw = per_rank[:, :cut].view(world, n_layers, n_steps, width)
-        elements = per_rank[:, cut : cut + n_layers * n_steps].view(world, n_layers, n_steps)
-        self.loss = per_rank[:, cut + n_layers * n_steps : cut + n_layers * n_steps + n_steps]  # (world, steps)
-        self.step_time = per_rank[:, cut + n_layers * n_steps + n_steps :]
-        ran = (elements > 0).unsqueeze(-1)  # a slot of a layer that did not run holds an older step's sums
-        sums = torch.where(ran, raw, 0.0).sum(0)
-        sums[..., stats.RAW_MAX] = torch.where(ran[..., 0], raw[..., stats.RAW_MAX], -math.inf).amax(0)
-        sums[..., stats.RAW_MIN] = torch.where(ran[..., 0], raw[..., stats.RAW_MIN], math.inf).amin(0)
-        self.raw = sums  # (layers, steps, width)
-        self.elements = elements.sum(0)  # (layers, steps)
-        bad = ran[..., 0] & ~torch.isfinite(raw[..., stats.RAW_SUM])
-        self.first_bad_rank = torch.where(bad.any(0), bad.float().argmax(0), -1)  # (layers, steps)
+    def __init__(self, report: Report, part: Part, world: int) -> None:
+        n_layers, n_steps = len(report.layers), len(report.steps)
+        cells = n_layers * n_steps
+        raw = torch.zeros(n_layers, n_steps, stats.RAW_WIDTH, dtype=torch.float64)
+        raw[..., list(_ADDITIVE)] = part.sums[: cells * len(_ADDITIVE)].view(n_layers, n_steps, len(_ADDITIVE))
+        highs = part.highs.view(3, n_layers, n_steps)
+        raw[..., stats.RAW_MAX], raw[..., stats.RAW_MIN] = highs[0], -highs[1]
+        self.raw = raw
+        self.elements = part.sums[cells * len(_ADDITIVE) :].view(n_layers, n_steps)
+        self.first_bad_rank = torch.where(highs[2] > 0, world - highs[2], -1.0).long()  # (layers, steps)
+        self.loss, self.step_time = part.ranks[:, :n_steps], part.ranks[:, n_steps:]  # (world, steps) each
 
     def apply(self, report: Report, values: list[float]) -> None:
         """Put the global sums into ``values`` and the global element counts and layer order into the steps."""

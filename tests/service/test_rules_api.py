@@ -209,3 +209,11 @@ def test_stalled_can_be_tuned_per_run(app_client, admin, engine):
     al = make_alerting(engine, parse_alerting({}), clock=lambda: utcnow() + dt.timedelta(seconds=1800))
     al.tick(engine)
     assert "stalled|" not in _alerts(app_client, admin, run)
+
+
+def test_the_rule_bodies_have_their_schema_in_openapi(app_client):
+    paths = app_client.get("/openapi.json").json()["paths"]
+    for path, method, required in (("/api/v1/rules", "post", ["name"]), ("/api/v1/rules/{name}", "put", [])):
+        schema = paths[path][method]["requestBody"]["content"]["application/json"]["schema"]
+        assert schema["required"] == required and schema["additionalProperties"] is False
+        assert {"stat", "op", "threshold", "for", "severity", "layer"} <= set(schema["properties"])

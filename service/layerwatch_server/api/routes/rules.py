@@ -33,8 +33,8 @@ def _rule_schema(*, named: bool) -> dict[str, Any]:
 
 
 # A JSON object read as is (so a bad field gets parse_rule's 422 naming it), documented as a rule.
-RuleIn = Annotated[dict[str, Any], WithJsonSchema(_rule_schema(named=True)), Body()]
-RuleChange = Annotated[dict[str, Any], WithJsonSchema(_rule_schema(named=False)), Body()]
+RuleIn = Annotated[dict[str, Any], WithJsonSchema(_rule_schema(named=True)), Body(title="RuleIn")]
+RuleChange = Annotated[dict[str, Any], WithJsonSchema(_rule_schema(named=False)), Body(title="RuleChange")]
 
 
 def _admin(grant: Grant | None) -> None:

@@ -8,7 +8,6 @@ one retries (at-least-once; receivers get the row's ``key`` as Idempotency-Key t
 from __future__ import annotations
 
 import datetime as dt
-import fnmatch
 from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, Engine, or_, select, update
@@ -17,8 +16,9 @@ from sqlalchemy.orm import Session
 from layerwatch_server.core.backoff import backoff_s
 from layerwatch_server.notify.config import NotifyConfig
 from layerwatch_server.notify.payload import build
+from layerwatch_server.storage import silences
 from layerwatch_server.storage.alerts import Obs
-from layerwatch_server.storage.models import AlertRow, OutboxRow, Silence
+from layerwatch_server.storage.models import AlertRow, OutboxRow
 
 LEASE_S = 60.0
 
@@ -39,19 +39,6 @@ class Claimed(NamedTuple):
         return cls(row.id, row.channel, row.key, row.payload, row.attempts, row.created_at, row.history)
 
 
-def silenced(session: Session, alert: AlertRow, now: dt.datetime) -> bool:
-    rows = session.scalars(select(Silence).where(Silence.ends_at > now, Silence.starts_at <= now))
-    for s in rows:
-        if s.project not in (None, alert.project) or s.run_id not in (None, alert.run_id):
-            continue
-        if s.rule not in (None, alert.rule):
-            continue
-        if s.layer is not None and not fnmatch.fnmatchcase(alert.layer_key, s.layer):
-            continue
-        return True
-    return False
-
-
 def enqueue(
     session: Session,
     cfg: NotifyConfig,
@@ -67,7 +54,7 @@ def enqueue(
     channels = cfg.channels_for(alert.project, alert.severity)
     if not channels:
         return []
-    if silenced(session, alert, now):
+    if silences.covers(session, alert, now):
         return []
     session.flush()  # the alert row must exist for the payload's queries
     rows = []

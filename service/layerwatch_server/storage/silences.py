@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import fnmatch
 import secrets
 from typing import Any
 
 from sqlalchemy import Engine, false, insert, or_, select, update
+from sqlalchemy.orm import Session
 
 from layerwatch_server.storage.base import utcnow
 from layerwatch_server.storage.engine import writer
@@ -65,6 +67,20 @@ def end(engine: Engine, silence_id: str) -> bool:
     with writer(engine).begin() as conn:
         done = conn.execute(update(Silence).where(Silence.id == silence_id, Silence.ends_at > now).values(ends_at=now))
     return done.rowcount > 0
+
+
+def covers(session: Session, alert: Any, now: dt.datetime) -> bool:
+    """Whether a silence in force at ``now`` covers ``alert`` (an AlertRow or a record with its attributes)."""
+    rows = session.scalars(select(Silence).where(Silence.ends_at > now, Silence.starts_at <= now))
+    for s in rows:
+        if s.project not in (None, alert.project) or s.run_id not in (None, alert.run_id):
+            continue
+        if s.rule not in (None, alert.rule):
+            continue
+        if s.layer is not None and not fnmatch.fnmatchcase(alert.layer_key, s.layer):
+            continue
+        return True
+    return False
 
 
 def silence_dict(s: Any) -> dict[str, Any]:

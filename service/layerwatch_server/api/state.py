@@ -1,4 +1,6 @@
-"""What one collector process holds: settings, engine, ingestor, token cache, admission control."""
+"""What one collector process holds (built by ``app.build_state``, read by the routes): settings, engine,
+ingestor, token cache, admission control, alerting and its sender, telemetry, the MLflow mirror, and the hooks
+run after each ingest and on the scheduler."""
 
 from __future__ import annotations
 

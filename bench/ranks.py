@@ -14,6 +14,7 @@ that model has, timed over 20 reports after 3 to warm up, on rank 0.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 import statistics
@@ -39,6 +40,7 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, spool: str, steps: int, per_rank: bool, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    logging.getLogger("layerwatch").setLevel(logging.ERROR)  # the spool's "data wait in ..." notes
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         import layerwatch

@@ -78,8 +78,9 @@ class Config:
     flush_timeout: float = 10.0  # LAYERWATCH_FLUSH_TIMEOUT: close() waits this long, then spools
     max_backoff: float = 30.0  # LAYERWATCH_MAX_BACKOFF: longest wait between retries, seconds
     loss_jump: float = 100.0  # LAYERWATCH_LOSS_JUMP: |loss| > this x its recent mean reports at once; 0: off
-    # LAYERWATCH_PER_RANK: every rank sends its own rows; off: rank 0 sends rows combined across ranks (ranks.py)
-    per_rank: bool = True
+    # LAYERWATCH_PER_RANK: every rank sends its own rows; off (default): under torch.distributed rank 0 sends the
+    # rows combined across ranks (layerwatch.ranks)
+    per_rank: bool = False
 
     @property
     def window_steps(self) -> int:

@@ -77,7 +77,7 @@ class RankReducer:
             works = [
                 dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.group, async_op=True),
                 dist.all_reduce(highs, op=dist.ReduceOp.MAX, group=self.group, async_op=True),
-                dist.all_gather_into_tensor(ranks, mine.ranks, group=self.group, async_op=True),
+                dist.all_gather_single(ranks, mine.ranks, group=self.group, async_op=True),
             ]
             for work in works:
                 work.wait()

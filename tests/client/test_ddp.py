@@ -1,4 +1,5 @@
-"""DDP on two real processes (gloo): one run for the job, dead masks OR-reduced across ranks."""
+"""DDP on two real processes (gloo), per_rank=True: one run for the job, each rank's rows, dead masks OR-reduced
+across ranks."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def _worker(rank: int, world: int, port: int, spool_dir: str) -> None:
             linear.weight.copy_(torch.eye(4))
             linear.bias.zero_()
         model = DistributedDataParallel(nn.Sequential(linear, nn.ReLU()))
-        mon = layerwatch.watch(model, mode="offline", spool_dir=spool_dir, every=2)
+        mon = layerwatch.watch(model, mode="offline", spool_dir=spool_dir, every=2, per_rank=True)
         for _ in range(4):
             x = -torch.ones(3, 4)
             x[:, rank] = 1.0  # rank 0 keeps unit 0 alive, rank 1 unit 1; units 2 and 3 die everywhere

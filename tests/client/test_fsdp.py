@@ -66,7 +66,7 @@ def _worker(rank: int, world: int, port: int, spool_dir: str) -> None:
         fully_shard(model[0])
         fully_shard(model[2])
         fully_shard(model)
-        mon = layerwatch.watch(model, mode="offline", spool_dir=spool_dir, every=2, param_every=1)
+        mon = layerwatch.watch(model, mode="offline", spool_dir=spool_dir, every=2, param_every=1, per_rank=True)
         opt = torch.optim.SGD(model.parameters(), lr=LR)
         for x in batches:
             model(x).square().mean().backward()

@@ -1,6 +1,6 @@
-"""Reports combined across ranks (per_rank=False) on real gloo processes: the global rows equal one process's
-statistics of the same global batch, the rows a job sends do not grow with its world size, a NaN's origin names
-its rank, and a rank that stops early leaves the others to finish."""
+"""Reports combined across ranks (per_rank=False, the default) on real gloo processes: the global rows equal one
+process's statistics of the same global batch, the rows a job sends do not grow with its world size, a NaN's origin
+names its rank, and a rank that stops early leaves the others to finish."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def _worker(rank: int, world: int, port: int, spool_dir: str, nan_rank: int) -> 
         batches = [x[rank * share : (rank + 1) * share].clone() for x in _global_batches()]
         if rank == nan_rank:
             batches[STEPS - 1][0, 0] = math.nan  # this rank's last step goes NaN
-        _train(DistributedDataParallel(_model()), batches, spool_dir, per_rank=False)
+        _train(DistributedDataParallel(_model()), batches, spool_dir)  # per_rank=False: the default
     finally:
         dist.destroy_process_group()
 
@@ -117,13 +117,25 @@ def test_combined_rows_equal_one_process_on_the_global_batch(tmp_path: Path, wor
     assert per_rank and all(len(r["loss_mean"]) == world for r in per_rank)
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_per_rank_keeps_each_ranks_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """The default (per_rank=True): every rank sends its own rows, as before."""
-    monkeypatch.setenv("LAYERWATCH_PER_RANK", "1")
-    from tests.client.test_ddp import test_ranks_share_one_run_and_dead_masks_are_global
+def _default_worker(rank: int, world: int, port: int, spool_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        _train(DistributedDataParallel(_model()), _global_batches(), spool_dir)  # per_rank from the environment
+    finally:
+        dist.destroy_process_group()
 
-    test_ranks_share_one_run_and_dead_masks_are_global(tmp_path)
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+@pytest.mark.parametrize("per_rank", [None, "1"])
+def test_combined_by_default_and_per_rank_keeps_each_ranks_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, per_rank: str | None
+):
+    if per_rank is not None:
+        monkeypatch.setenv("LAYERWATCH_PER_RANK", per_rank)  # spawned ranks inherit the environment
+    mp.spawn(_default_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    senders = {b["rank"] for b in read_spool(tmp_path) if b["steps"]}
+    assert senders == ({0, 1} if per_rank else {0})
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

@@ -3,7 +3,8 @@ scripts/screenshot. The UI is a React app: every step waits for the element it n
 
 Written against the MLflow 3 UI: a run's charts are at ``#/experiments/<exp>/runs/<run>/model-metrics`` with a
 "Search metric charts" box; the run overview (``#/experiments/<exp>/runs/<run>``) lists the latest value of every
-metric; the experiment's run table is at ``#/experiments/<exp>/runs``.
+metric; the experiment's run table is at ``#/experiments/<exp>/runs``. Images logged with a key are cards on the
+charts tab too, each with a step slider and a number box beside it.
 """
 
 from __future__ import annotations
@@ -81,6 +82,27 @@ def open_metric_chart(driver: Any, base: str, experiment_id: str, run_id: str, m
     if fullscreen:
         wait_for(driver, "button[data-component-id='fullscreen_button_chartcard']").click()
         wait_for(driver, "[role='dialog']", text=metric)
+
+
+def open_image(driver: Any, base: str, experiment_id: str, run_id: str, key: str, step: int) -> Any:
+    """The run's image ``key`` at ``step``, as its card on the charts tab shows it (the ``img``, loaded)."""
+    from selenium.webdriver.common.keys import Keys
+
+    driver.get(run_page(base, experiment_id, run_id, "model-metrics"))
+    card = f"//h4[@title='{key}']/ancestor::div[.//input[@type='number']][1]"
+    box = wait_for(driver, "body", text=key).find_element("xpath", f"{card}//input[@type='number']")
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", box)
+    if box.is_enabled():  # disabled: one step only, shown as it is
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(str(step), Keys.TAB)  # the slider starts below the first step: "No image logged at this step"
+    name = f"{key.replace('/', '~')}+step+{step}+"  # how MLflow names the image's files
+    src = f"{card}//img[contains(@src, '{urllib.parse.quote(name, safe='~')}')]"
+
+    def loaded() -> Any:
+        found = driver.find_elements("xpath", src)
+        return found[0] if found and driver.execute_script("return arguments[0].naturalWidth", found[0]) else None
+
+    return wait_until(loaded, 30.0, f"image {key} at step {step} in the MLflow UI", interval=0.5)
 
 
 def wait_for_mirror(

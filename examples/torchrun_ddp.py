@@ -6,9 +6,10 @@
 Nothing in the script names the collector: ``layerwatch.watch()`` reads ``LAYERWATCH_URL`` / ``LAYERWATCH_TOKEN``
 (online) or, without a URL, writes to the spool at ``LAYERWATCH_SPOOL_DIR`` (offline; upload later with
 ``layerwatch sync``). The run key comes from torchrun's rendezvous id (``TORCHELASTIC_RUN_ID``) or, under Slurm,
-from ``SLURM_JOB_ID``, so every rank computes the same key without talking to the others; each rank sends its
-own statistics and the collector shows them as ranks of that one run. Dead-unit fractions are reduced across
-ranks (a unit is dead only if it is inactive on every rank's share of the batch).
+from ``SLURM_JOB_ID``, so every rank computes the same key without talking to the others. Rank 0 sends the
+statistics combined across ranks (``act_std`` of the global batch; a unit is dead only if it is inactive on every
+rank's share of the batch), with the spread of the loss and step time across ranks; ``LAYERWATCH_PER_RANK=1`` has
+each rank send its own rows instead.
 """
 
 from __future__ import annotations

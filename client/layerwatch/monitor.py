@@ -267,7 +267,8 @@ class Monitor:
                 message=trip.message(self.config.loss_jump),
                 source="local",
             )
-            log.warning("layerwatch: %s; reporting the steps so far now", alert.message)
+            then = "in the next report, combined across ranks" if self._combining else "now"
+            log.warning("layerwatch: %s; reporting the steps so far %s", alert.message, then)
             with self._alerts_lock:
                 self._alerts[alert.id] = alert
                 self._local_open[rule] = alert

@@ -15,6 +15,7 @@ from torch import nn
 
 import layerwatch
 import layerwatch.cli as cli_module
+from layerwatch import terminal_map
 from layerwatch.cli import main as cli
 from layerwatch_server.storage import tokens
 from layerwatch_server.storage.engine import make_engine
@@ -98,6 +99,11 @@ def test_training_run_survives_a_collector_restart_and_lands_exactly_once(db_url
         first_row = next(line for line in tailed.output.splitlines() if "ReLU" in line)
         assert "0.5" in first_row  # the half-dead ReLU layer is on top
         assert "Open alerts" in tailed.output and "│ dead_units" in tailed.output
+        mapped = runner.invoke(cli, ["show", run_id, "--url", base, "--map"])
+        assert mapped.exit_code == 0, mapped.output
+        rows = {line.split()[0]: line for line in mapped.output.splitlines()[2:6]}
+        assert list(rows) == ["0", "1", "2", "3"]  # model order, one row per layer
+        assert terminal_map.ONSET in rows["0"] and terminal_map.ONSET not in rows["2"]  # where dead_units began
 
 
 @pytest.fixture

@@ -32,7 +32,8 @@ def worst(data: dict[str, Any]) -> tuple[list[str], list[list[float | None]], se
         [max((v for v in pair if isinstance(v, int | float)), default=None) for pair in zip(a, b, strict=True)]
         for a, b in zip(dead["values"], sat["values"], strict=True)
     ]
-    return list(dead["rows"]), cells, {(row, col) for row, col in dead.get("onsets", [])}
+    onsets = {(row, col) for panel in (dead, sat) for row, col in panel.get("onsets", [])}
+    return list(dead["rows"]), cells, onsets
 
 
 def lines(data: dict[str, Any]) -> list[Text]:

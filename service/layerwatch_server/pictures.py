@@ -23,6 +23,12 @@ from layerwatch_server.storage import histograms
 from layerwatch_server.storage.models import AlertRow, Layer, Param, layer_stats, param_stats
 
 MAP_STATS = ("dead_frac", "log10 grad_norm", "sat_frac")
+# Where a rule's onset is marked: the panel of the statistic it judges (other layer rules: the first panel).
+ONSET_PANEL = {
+    "saturation": "sat_frac",
+    "exploding_gradients": "log10 grad_norm",
+    "vanishing_gradients": "log10 grad_norm",
+}
 
 
 @dataclass
@@ -59,7 +65,9 @@ def health_map(engine: Engine, run_id: str, *, rank: int = 0, columns: int = 200
             select(p.param_id, p.step, p.grad_norm).where(p.run_id == run_id, p.rank == rank)
         ).all()
         alerts = conn.execute(
-            select(AlertRow.layer_key, AlertRow.step).where(AlertRow.run_id == run_id, AlertRow.step.is_not(None))
+            select(AlertRow.rule, AlertRow.layer_key, AlertRow.step).where(
+                AlertRow.run_id == run_id, AlertRow.step.is_not(None)
+            )
         ).all()
     all_steps = sorted({r.step for r in layer_rows} | {r.step for r in param_rows})
     if not all_steps:
@@ -106,16 +114,17 @@ def health_map(engine: Engine, run_id: str, *, rank: int = 0, columns: int = 200
         later = None
         for col in range(width - 1, -1, -1):
             later = row[col] = row[col] if row[col] is not None else later
-    names = [name for _, name in layers]
-    onsets = [(names.index(key), column(step)) for key, step in alerts if key in names and first <= step <= last]
-    return HealthMap(
-        steps,
-        [
-            Panel("dead_frac", names, dead, onsets),
-            Panel("log10 grad_norm", list(modules), grads),
-            Panel("sat_frac", names, sat, onsets),
-        ],
-    )
+    panels = [
+        Panel("dead_frac", [name for _, name in layers], dead),
+        Panel("log10 grad_norm", list(modules), grads),
+        Panel("sat_frac", [name for _, name in layers], sat),
+    ]
+    by_stat = {panel.stat: panel for panel in panels}
+    for rule, key, step in alerts:  # each onset on the panel of the statistic its rule judges
+        panel = by_stat[ONSET_PANEL.get(rule, "dead_frac")]
+        if key in panel.rows and first <= step <= last:
+            panel.onsets.append((panel.rows.index(key), column(step)))
+    return HealthMap(steps, panels)
 
 
 def render_health_map(data: HealthMap, title: str = "") -> bytes:

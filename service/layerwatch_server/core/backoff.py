@@ -1,5 +1,5 @@
 """How long the collector waits before trying again: one exponential backoff for its retry loops
-(notification delivery, the mirror process's restarts; the MLflow mirror's ticks compute the same)."""
+(notification delivery, the mirror process's restarts, the MLflow mirror's failed ticks)."""
 
 from __future__ import annotations
 

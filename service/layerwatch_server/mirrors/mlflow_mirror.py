@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
+from layerwatch_server.core.backoff import backoff_s
 from layerwatch_server.mirrors import naming, source
 from layerwatch_server.mirrors.alerts import mirror_alerts
 from layerwatch_server.mirrors.convert import convert
@@ -102,7 +102,7 @@ class MlflowMirror:
             except Exception as exc:
                 self.errors_total += 1
                 self._failures += 1
-                wait = min(MAX_BACKOFF_S, 2.0 ** (self._failures - 1)) * random.uniform(0.8, 1.2)
+                wait = backoff_s(self._failures, max_s=MAX_BACKOFF_S)
                 self._retry_at = time.monotonic() + wait
                 log.warning("MLflow mirror failed (%s); retrying in %.1fs", exc, wait)
 

@@ -341,6 +341,8 @@ class Monitor:
             except Exception:
                 log.exception("layerwatch: could not remove every hook")
             self._exporter.close(self.config.flush_timeout)  # never raises
+            if self._combining is not None:
+                self._combining.release()
             self._dispatch_alerts_quietly()
 
     def _dispatch_alerts_quietly(self) -> None:

@@ -58,6 +58,16 @@ class RankReducer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.enabled = True
 
+    def release(self) -> None:
+        """Shut the group down once this rank's reports are all out (close()), on the caller's thread: a gloo
+        group left to the interpreter's exit may be torn down while its threads still run (an abort)."""
+        group, self.group, self.enabled = self.group, None, False
+        try:
+            if group is not None and dist.is_initialized() and group in dist.distributed_c10d._world.pg_map:
+                dist.destroy_process_group(group)
+        except Exception:
+            log.debug("layerwatch: the ranks' group could not be shut down", exc_info=True)
+
     def combine(self, layout: str, mine: Part) -> Part | None:
         """Every rank's ``mine`` combined (``ranks`` gathered, (world, n)) when every rank's ``layout`` is this one's;
         else None, and every rank (all see the same layouts) sends its own rows from then on. None too when a peer

@@ -140,9 +140,13 @@ def test_combined_by_default_and_per_rank_keeps_each_ranks_rows(
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_nonfinite_origin_names_the_rank_it_appeared_on(tmp_path: Path):
+    from layerwatch_server.core.batch import Batch
+
     batches = _spawn(2, tmp_path, nan_rank=1)
     origins = [b["nonfinite_origin"] for b in batches if b.get("nonfinite_origin")]
     assert origins == [{"step": STEPS - 1, "pass": "forward", "layer": "0", "rank": 1}]
+    for batch in batches:  # the collector takes them as they are (the ranks key and the spread scalars included)
+        Batch.model_validate(batch)
 
 
 def _stopping_worker(rank: int, world: int, port: int, spool_dir: str) -> None:
@@ -166,3 +170,46 @@ def test_a_rank_that_stops_early_does_not_hang_the_others(tmp_path: Path):
     # Steps 0-1 combined (rank 0 sends them); then rank 0 goes on alone and sends its own rows.
     assert steps == {(0, s) for s in range(3 * EVERY)}
     assert {b["rank"]: b["end"] for b in batches if b["end"]} == {0: {"status": "finished"}, 1: {"status": "finished"}}
+
+
+def test_a_layer_that_ran_on_one_rank_only_counts_that_ranks_share():
+    """A layer's slot where it did not run holds an older step's sums: they must not enter the job's figures."""
+    from layerwatch import stats
+    from layerwatch.ranks import Combined, Part, rank_part
+    from layerwatch.recorder import StepCalls
+    from layerwatch.report import Report, StepMeta, translate
+
+    def report(calls: dict[int, int]) -> Report:
+        layers = [{"name": name} for name in ("a", "b")]
+        meta = StepMeta(step=7, time=1.0, calls=StepCalls(order=list(calls), elements=dict(calls)))
+        return Report(steps=[meta], layers=layers, bounded=[False, False], dead_windows=[], param_numel=[], flat=None)
+
+    def record(values: list[float]) -> list[float]:
+        t = torch.tensor(values)
+        return [t.sum(), t.square().sum(), t.max(), t.min(), len(values), (t != 0).sum(), math.nan]
+
+    stale = [1e9] * stats.RAW_WIDTH
+    mine = {
+        0: (report({0: 2}), record([1.0, 2.0]) + stale),  # layer b did not run on rank 0
+        1: (report({0: 1, 1: 3}), record([4.0]) + record([-1.0, 0.0, 5.0])),
+    }
+    parts = [
+        rank_part(r, [float(v) for v in values], [{"loss": float(rank)}], [0.5], rank, 2)
+        for rank, (r, values) in mine.items()
+    ]
+    whole = Part(
+        parts[0].sums + parts[1].sums,
+        torch.maximum(parts[0].highs, parts[1].highs),
+        torch.stack([parts[0].ranks, parts[1].ranks]),
+    )
+    rank0, values = mine[0]
+    values = [float(v) for v in values]
+    combined = Combined(rank0, whole, 2)
+    combined.apply(rank0, values)
+    assert rank0.steps[0].calls.order == [0, 1] and rank0.steps[0].calls.elements == {0: 3, 1: 3}
+    steps = translate(rank0, values, {})
+    combined.spread(steps)
+    a, b = (dict(zip(layerwatch.wire.LAYER_STATS, row[1:], strict=True)) for row in steps[0]["layers"])
+    assert a["act_mean"] == pytest.approx(7 / 3) and a["act_max_abs"] == 4.0
+    assert b["act_mean"] == pytest.approx(4 / 3) and b["act_max_abs"] == 5.0 and b["zero_frac"] == pytest.approx(1 / 3)
+    assert steps[0]["loss"] == 0.5 and steps[0]["scalars"]["loss_argmax_rank"] == 1.0

@@ -1,20 +1,20 @@
 """One report for the whole job: a report interval's layer statistics combined across the ranks.
 
 Each rank measures its share of the global batch. At a regular report, every rank's raw activation sums
-(sums, squares, counts, extremes per layer and step) are gathered, combined (sums add, extremes extend, element
-counts add), and rank 0 alone sends the global rows: ``act_std`` is then the global batch's, and the rows a job
+(sums, squares, counts, extremes per layer and step) are combined (sums add, extremes extend, element counts
+add), and rank 0 alone sends the global rows: ``act_std`` is then the global batch's, and the rows a job
 stores do not grow with its world size. Per-rank detail stays where people ask it of wide jobs: per step the
 spread of the loss (``loss_min``, ``loss_max``, ``loss_argmax_rank``) and of the time between steps
 (``step_time_max``, ``step_time_argmax_rank``), each rank's mean of both per report (the batch's ``ranks``
 key), and the rank where the first NaN/Inf appeared. What travels does not grow with the world size but for
 those per-rank loss and step times (two numbers per step and rank).
 
-The collective runs on the exporter thread, over a gloo group of its own, on host copies: the training thread
+The collectives run on the exporter thread, over a gloo group of its own, on host copies: the training thread
 never waits for it, the device streams never hold it, and it cannot interleave with the training's own
 collectives. The contract that keeps it from deadlocking (see docs/reference.md, "Distributed training"):
 regular reports come at the same recorded steps on every rank (steps are collective under DDP/FSDP); the
 tripwire does not send early; ``close()`` sends its last partial interval per rank, without a collective. A
-gather whose peers never come (a rank that stopped early) fails when the peer's process leaves, or after
+report whose peers never come (a rank that stopped early) fails when the peer's process leaves, or after
 ``RANK_TIMEOUT``; then, as when the ranks' reports do not match (different layers, different steps), every
 rank sends its own rows from then on.
 """

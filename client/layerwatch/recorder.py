@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from layerwatch import stats, wire
+from layerwatch.histograms import Histograms
 from layerwatch.layers import LayerSpec
 
 log = logging.getLogger("layerwatch")
@@ -98,6 +99,7 @@ class Recorder:
         self.compiled = False  # a compiled graph has traced the hooks
         self._said_eager = False  # the warning that some hook runs eagerly in a compiled model was given
         self._traced_shape: tuple[int, tuple[int, ...]] | None = None  # (unit dim, shape)
+        self.histograms: Histograms | None = None  # per-layer distributions at histogram steps (Monitor sets it)
 
     # -- hooks ---------------------------------------------------------------------------------------
     def attach(self, model: nn.Module, watched: list[tuple[nn.Module, LayerSpec]]) -> None:
@@ -237,6 +239,8 @@ class Recorder:
         layer = self._by_module.get(id(module), {}).get(units) or self._new_layer(
             module, spec, tuple(a.shape), unit_dim, a.device
         )
+        if self.histograms is not None and self.histograms.due:
+            self.histograms.add_activation(layer.index, a)
         elements = self.current.elements
         merge = layer.index in elements
         elsewhere = a.device != layer.records[self.slot].device

@@ -24,10 +24,11 @@ CLIENT_TIERS: dict[str, int] = {
     **dict.fromkeys(["delivery", "histograms"], 2),
     "recorder": 3,
     "report": 4,  # the bridge: a recorded interval as the batch builder reads it
-    "batching": 5,
-    "exporter": 6,
-    "monitor": 7,
-    **dict.fromkeys(["__init__", "cli", "integrations"], 8),
+    "ranks": 5,  # a report's rows combined across ranks, on the exporter thread
+    "batching": 6,
+    "exporter": 7,
+    "monitor": 8,
+    **dict.fromkeys(["__init__", "cli", "integrations"], 9),
 }
 
 # The collector: cli -> app -> api -> (rules | mirrors | notify | jobs | observability) -> pictures -> storage -> core.

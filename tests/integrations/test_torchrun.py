@@ -33,7 +33,9 @@ def test_both_ranks_of_a_torchrun_job_share_one_run(tmp_path: Path):
     assert f"layerwatch run key {next(iter(keys))} (2 ranks)" in done.stdout
     assert {b["rank"] for b in batches} == {0, 1}
     assert {b["run"]["world_size"] for b in batches} == {2}
+    # Reports are combined across ranks (layerwatch.ranks): rank 0 sends the job's rows, every rank its end.
+    steps = {rank: [s for b in batches if b["rank"] == rank for s in b["steps"]] for rank in (0, 1)}
+    assert [s["step"] for s in steps[0]] == [0, 1, 2, 3] and steps[1] == []
+    assert all({"loss_min", "loss_max", "loss_argmax_rank"} <= set(s["scalars"]) for s in steps[0])
     for rank in (0, 1):
-        mine = [b for b in batches if b["rank"] == rank]
-        assert [s["step"] for b in mine for s in b["steps"]] == [0, 1, 2, 3]
-        assert [b["end"]["status"] for b in mine if b.get("end")] == ["finished"]
+        assert [b["end"]["status"] for b in batches if b["rank"] == rank and b.get("end")] == ["finished"]

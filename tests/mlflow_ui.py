@@ -75,6 +75,12 @@ def open_metric_chart(driver: Any, base: str, experiment_id: str, run_id: str, m
     driver.get(run_page(base, experiment_id, run_id, "model-metrics"))
     search = wait_for(driver, "input[placeholder='Search metric charts']")
     search.send_keys(metric)
+    # Charts draw when scrolled into view, and the run's image cards (not filtered by the search) come first:
+    # scroll to the section MLflow groups the metric under (its key up to the last slash).
+    section = f"//*[normalize-space(text())='{metric.rpartition('/')[0]}']"
+    wait_for(driver, "body", text=metric.rpartition("/")[0])
+    for header in driver.find_elements("xpath", section)[:1]:
+        driver.execute_script("arguments[0].scrollIntoView({block: 'start'})", header)
     wait_for(driver, "body", text=f"({metric})")  # the chart's legend: "<run name> (<metric>)"
     close = driver.find_elements("css selector", "button[aria-label='Close']")  # the assistant's side panel
     if close:

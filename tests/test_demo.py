@@ -31,7 +31,7 @@ def test_demo_prints_the_alert_and_the_mlflow_run_page(tmp_path) -> None:
         "LAYERWATCH_DEMO_SETUP": "0",
         "LAYERWATCH_DEMO_PYTHON": sys.executable,
         "LAYERWATCH_DEMO_DIR": str(tmp_path / "data"),
-        "LAYERWATCH_DEMO_STEPS": "140",  # layer 3 crosses the dead_units threshold at step 99, it fires at 109 (for: 2)
+        "LAYERWATCH_DEMO_STEPS": "140",  # layer 3 crosses the dead_units threshold at step 99, it fires at 119 (for: 2)
         "LAYERWATCH_PORT": str(port),
         "MLFLOW_PORT": str(mlflow_port),
         "LAYERWATCH_SPOOL_DIR": str(tmp_path / "spool"),

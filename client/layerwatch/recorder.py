@@ -343,10 +343,6 @@ class Recorder:
         self._segments = None
 
     # -- steps and windows -----------------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device | None:
-        return self._raw.device if self._raw is not None else None
-
     def end_step(self) -> None:
         if self._traced:
             self.fold()

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import copy
 import gc
+import logging
 import statistics
 import sys
 import tempfile
@@ -275,6 +276,8 @@ def _watched(model, mon):
 
 
 def main() -> None:
+    # The measured monitors spool offline and say so when they close: that would land between the result rows.
+    logging.getLogger("layerwatch").setLevel(logging.ERROR)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=150, help="measured steps per variant")
     parser.add_argument("--block", type=int, default=10, help="steps per alternating block")

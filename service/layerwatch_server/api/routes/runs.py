@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from layerwatch_server import pictures
 from layerwatch_server.api.deps import GrantDep, StateDep, authorize, covered_projects, readable_projects
 from layerwatch_server.api.schemas import Problem, ProjectOut, RunDetail, RunOut, Series
+from layerwatch_server.api.state import AppState
 from layerwatch_server.core.layers import dead_judged
 from layerwatch_server.storage import histograms, queries
 from layerwatch_server.storage.base import finite_json
@@ -54,10 +55,17 @@ def _can_read_something(grant: Grant | None) -> None:
 RunRef = Annotated[str, Path(description="The run's id, or a prefix of it (4 characters or more) that is unique.")]
 
 
+def _readable_run(state: AppState, grant: Grant | None, ref: str) -> str:
+    """The full id of the run ``ref`` names (an id or its unique start) that ``grant`` may read; other projects'
+    runs answer 404 like unknown ones."""
+    run_id = queries.resolve_run_id(state.engine, ref, covered_projects(grant))
+    authorize(grant, queries.run_project(state.engine, run_id), "read")
+    return run_id
+
+
 @router.get("/runs/{run_id}", response_model=RunDetail, responses={404: {"model": Problem}, 422: {"model": Problem}})
 def get_run(state: StateDep, grant: GrantDep, run_id: RunRef) -> Any:
-    run_id = queries.resolve_run_id(state.engine, run_id, covered_projects(grant))
-    authorize(grant, queries.run_project(state.engine, run_id), "read")
+    run_id = _readable_run(state, grant, run_id)
     return JSONResponse(
         finite_json(RunDetail.model_validate(queries.get_run(state.engine, run_id)).model_dump(mode="json"))
     )
@@ -84,8 +92,7 @@ def get_series(
     max_points: Annotated[int | None, Query(ge=2, le=100_000)] = None,
     rank: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
 ) -> Any:
-    run_id = queries.resolve_run_id(state.engine, run_id, covered_projects(grant))
-    authorize(grant, queries.run_project(state.engine, run_id), "read")
+    run_id = _readable_run(state, grant, run_id)
     points = queries.series(
         state.engine, run_id, layer=layer, stat=stat, rank=rank, start=start, end=end, max_points=max_points
     )
@@ -112,8 +119,7 @@ def get_histograms(
     end: Annotated[int | None, Query(ge=0, le=2**62)] = None,
     max_points: Annotated[int | None, Query(ge=1, le=100_000)] = None,
 ) -> Any:
-    run_id = queries.resolve_run_id(state.engine, run_id, covered_projects(grant))
-    authorize(grant, queries.run_project(state.engine, run_id), "read")
+    run_id = _readable_run(state, grant, run_id)
     found = histograms.read(state.engine, run_id, layer=layer, kind=kind, start=start, end=end, max_points=max_points)
     return JSONResponse({"run_id": run_id, "layer": layer, "kind": kind, **found})
 
@@ -133,8 +139,7 @@ def get_health_map(
     columns: Annotated[int, Query(ge=1, le=2000)] = 200,
     rank: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
 ) -> Any:
-    run_id = queries.resolve_run_id(state.engine, run_id, covered_projects(grant))
-    authorize(grant, queries.run_project(state.engine, run_id), "read")
+    run_id = _readable_run(state, grant, run_id)
     data = pictures.health_map(state.engine, run_id, rank=rank, columns=columns)
     return JSONResponse(finite_json({"run_id": run_id, **dataclasses.asdict(data)}))
 
@@ -154,8 +159,7 @@ def get_latest(
     rank: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     lookback: Annotated[int, Query(ge=1, le=100_000)] = 200,
 ) -> Any:
-    run_id = queries.resolve_run_id(state.engine, run_id, covered_projects(grant))
-    authorize(grant, queries.run_project(state.engine, run_id), "read")
+    run_id = _readable_run(state, grant, run_id)
     out = queries.latest(state.engine, run_id, rank=rank, lookback=lookback)
     judged = dead_judged((layer["index"], layer["name"], layer["type"]) for layer in out["layers"])
     for layer in out["layers"]:

@@ -18,6 +18,7 @@ import logging
 import operator
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import chain
@@ -28,7 +29,7 @@ from sqlalchemy import BigInteger, Connection, Engine, String, Table, bindparam,
 
 from layerwatch import wire
 from layerwatch_server.core.batch import MAX_SERIES, Batch, LayerIn, ParamIn
-from layerwatch_server.storage import histograms
+from layerwatch_server.storage import histograms, partitions
 from layerwatch_server.storage.base import LRU, UTCDateTime, dialect_insert, json_serializer, sqlite_float, utcnow
 from layerwatch_server.storage.engine import writer
 from layerwatch_server.storage.models import (
@@ -251,10 +252,20 @@ class Ingestor:
         attr: str,
     ) -> int:
         names = batch.layer_stats if attr == "layers" else batch.param_stats
-        cols = ", ".join(["run_id", id_col, "rank", "step", *names])
         rank = batch.rank
         # r[0] is a float that equals an int (the batch check made sure), so it finds the int key as it is
-        rows = [(run_id, ids[r[0]], rank, step, *r[1:]) for step, s in new_steps.items() for r in getattr(s, attr)]
+        if self.pg:  # and the partition key, the day of the step's time
+            cols = ", ".join(["run_id", id_col, "rank", "step", "day", *names])
+            now = time.time()
+            day = {step: partitions.day_of(s.time, now) for step, s in new_steps.items()}
+            rows = [
+                (run_id, ids[r[0]], rank, step, day[step], *r[1:])
+                for step, s in new_steps.items()
+                for r in getattr(s, attr)
+            ]
+        else:
+            cols = ", ".join(["run_id", id_col, "rank", "step", *names])
+            rows = [(run_id, ids[r[0]], rank, step, *r[1:]) for step, s in new_steps.items() for r in getattr(s, attr)]
         if not rows:
             return 0
         # SQLite would store a bound NaN as NULL: NaN goes in as text (see storage.base). The sum of every

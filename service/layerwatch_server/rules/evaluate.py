@@ -107,6 +107,8 @@ def non_finite(r: Rule, v: StepView, origin: dict[str, Any] | None) -> list[Obs]
         first = (
             f"; first at step {origin['step']} ({origin.get('pass')}, layer {origin.get('layer')})" if origin else ""
         )
+        if origin and origin.get("rank"):
+            first += f" on rank {origin['rank']}"  # in a job of several ranks, where to look
         what = "loss" if _bad(v.loss) else (where[0] if where else "gradient norm")
         msg = f"NaN/Inf at step {v.step} in {what} ({len(where)} layers/params affected){first}"
     return [Obs(r.name, "", bad, v.loss if _bad(v.loss) else float(len(where)), 0.0, msg)]

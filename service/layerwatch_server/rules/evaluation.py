@@ -128,7 +128,8 @@ class Evaluation:
             mem["last_step"] = ordered[-1].step
         incidents.page(events, alerts.values(), send)  # one page per (run, rule) incident
         store.save(conn, alerts.values())
-        conn.execute(_SAVE_MEMORY, {"r_id": res.run_id, "r_rank": batch.rank, "r_data": mem, "r_now": now})
+        if not batch.preview:  # a preview's steps come again, combined: they are remembered from there
+            conn.execute(_SAVE_MEMORY, {"r_id": res.run_id, "r_rank": batch.rank, "r_data": mem, "r_now": now})
         keep = dt.timedelta(seconds=self.resolved_visible_s)
         current = [
             _json_safe(alert_dict(a))

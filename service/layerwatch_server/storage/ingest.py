@@ -116,13 +116,16 @@ class Ingestor:
         learned: list[tuple[LRU, Any, Any]] = []
         with self._writer.begin() as conn:
             run_id = self._run_id(conn, batch, learned)
-            new_steps = self._claim_steps(conn, run_id, batch)
-            layer_ids = self._series_ids(conn, run_id, "layer", batch.layers, learned)
-            param_ids = self._series_ids(conn, run_id, "param", batch.params, learned)
-            n_layer = self._bulk(conn, layer_stats, "layer_id", run_id, batch, new_steps, layer_ids, "layers")
-            n_param = self._bulk(conn, param_stats, "param_id", run_id, batch, new_steps, param_ids, "params")
-            histograms.write(conn, run_id, batch.histograms, self.pg)
-            res = IngestResult(run_id, len(new_steps), len(batch.steps) - len(new_steps), n_layer, n_param)
+            new_steps: dict[int, Any] = {}
+            res = IngestResult(run_id, 0, 0, 0, 0)
+            if not batch.preview:  # a preview is for the hooks to judge; the combined report stores its steps
+                new_steps = self._claim_steps(conn, run_id, batch)
+                layer_ids = self._series_ids(conn, run_id, "layer", batch.layers, learned)
+                param_ids = self._series_ids(conn, run_id, "param", batch.params, learned)
+                n_layer = self._bulk(conn, layer_stats, "layer_id", run_id, batch, new_steps, layer_ids, "layers")
+                n_param = self._bulk(conn, param_stats, "param_id", run_id, batch, new_steps, param_ids, "params")
+                histograms.write(conn, run_id, batch.histograms, self.pg)
+                res = IngestResult(run_id, len(new_steps), len(batch.steps) - len(new_steps), n_layer, n_param)
             self._first_wins(conn, run_id, batch)
             for name, hook in self.in_transaction.items():
                 res.staged[name] = self._guarded(conn, name, hook, batch, res)
@@ -311,15 +314,25 @@ class Ingestor:
         conn.execute(_TOUCH_RUN, {"id": run_id, "now": now, "lo": lo, "hi": hi, "end": end})
 
     def _first_wins(self, conn: Connection, run_id: str, batch: Batch) -> None:
-        """A run's config and its first non-finite origin do not change once set. Before the hooks, which read
-        them; an UPDATE whose WHERE no longer matches takes no row lock, so this costs no waiting later."""
+        """A run's config does not change once set, and its non-finite origin is the earliest any rank reported
+        (under DDP a NaN of one rank's forward reaches every rank's gradients in the same step, and each rank's
+        tripwire may report its view first). Before the hooks, which read them; an UPDATE whose WHERE no longer
+        matches takes no row lock, and only the rare batch that names an origin locks the run row (the alert
+        rules lock it next anyway), so this costs no waiting later."""
         if batch.run.config is not None:
             conn.execute(update(Run).where(Run.id == run_id, Run.config.is_(None)).values(config=batch.run.config))
         if batch.nonfinite_origin is not None:
             origin = batch.nonfinite_origin.model_dump(by_alias=True)
-            conn.execute(
-                update(Run).where(Run.id == run_id, Run.nonfinite_origin.is_(None)).values(nonfinite_origin=origin)
-            )
+            current = conn.scalar(select(Run.nonfinite_origin).where(Run.id == run_id).with_for_update())
+            if current is None or _origin_order(origin) < _origin_order(current):
+                conn.execute(update(Run).where(Run.id == run_id).values(nonfinite_origin=origin))
+
+
+_PASSES = {"forward": 0, "loss": 1, "backward": 2}  # as a step computes them
+
+
+def _origin_order(origin: dict[str, Any]) -> tuple[int, int]:
+    return int(origin.get("step", 0)), _PASSES.get(str(origin.get("pass")), len(_PASSES))
 
 
 # Hand-written once (valid on SQLite and PostgreSQL): building these with Core per batch cost more

@@ -48,7 +48,7 @@ class BatchBuilder:
         if report.ready is not None:
             report.ready.synchronize()  # waits here, on the exporter's thread, never on the training thread
         values = report.flat.tolist() if report.flat is not None else []
-        times = self._step_times(report)
+        times = self._step_times(report) if not report.preview else []  # its steps come again, in the report
         steps = translate(report, values, self._weight_norms)
         if self.on_uncounted_nonfinite is not None and uncounted_nonfinite(steps):
             self.on_uncounted_nonfinite()
@@ -69,7 +69,7 @@ class BatchBuilder:
         origin = None
         if not self._origin_sent:
             origin = first_nonfinite(steps, names, self.param_names, self.header["rank"])
-            self._origin_sent = origin is not None
+            self._origin_sent = origin is not None and not report.preview  # the report names it too
             if origin is not None and combined is not None:
                 origin["rank"] = combined.origin_rank(origin, names, report.steps[0].step)
         parts = split_rows(steps, wire.MAX_ROWS)
@@ -120,6 +120,8 @@ class BatchBuilder:
             batch["histograms"] = histograms  # optional: old collectors ignore it (see layerwatch.wire)
         if ranks is not None:
             batch["ranks"] = ranks  # optional, like histograms: the ranks' spread over a combined report
+        if report.preview:
+            batch["preview"] = True  # optional: rows to judge now, stored from the regular report
         return Packed.of(batch)
 
 

@@ -13,6 +13,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -191,11 +192,14 @@ class Monitor:
         if self._window_pos >= self.config.window_steps:
             self._close_window()
         # A NaN or a loss jump seen by now (this step on CPU; on CUDA a step whose check has landed) sends the
-        # steps so far at once instead of at the interval's end; the next interval starts after them. Not when
-        # ranks combine their reports: those come at the same steps on every rank (the alert is raised all the same).
-        early = self._raise_local(self._tripwire.poll()) and self._combining is None
-        if early or len(self._steps) >= self.config.every:
+        # steps so far at once instead of at the interval's end; the next interval starts after them. When ranks
+        # combine their reports, those must come at the same steps on every rank: this rank sends a preview of its
+        # own instead (no collective), and the interval goes on to its regular, combined report.
+        tripped = self._raise_local(self._tripwire.poll())
+        if len(self._steps) >= self.config.every or (tripped and self._combining is None):
             self._report()
+        elif tripped:
+            self._preview()
 
     def _close_window(self) -> None:
         self._window_pos = 0
@@ -229,6 +233,34 @@ class Monitor:
             )
         )
         self._steps, self._step_tensors, self._dead, self._snapshots = [], [], [], []
+
+    def _preview(self) -> None:
+        """This rank's steps of the interval so far, copied (its buffers and steps stay for the regular report), for
+        the collector to raise the alert from now: per-rank rows marked ``preview``, which it judges but does not
+        store (the combined report stores those steps). Sharded gradient norms wait for the per-step gathers every
+        rank started already; nothing here starts a collective."""
+        raw = self.recorder.take_raw(keep=True)
+        steps = [replace(meta) for meta in self._steps]  # the combined report rewrites its steps' calls
+        tensors = list(self._step_tensors)
+        self._param_stats.combine(steps, tensors, keep=True)
+        parts = ([raw] if raw is not None else []) + [d for _, _, d in self._dead] + tensors
+        flat, ready = None, None
+        if parts:
+            flat = torch.cat([p.to(parts[0].device, non_blocking=True) for p in parts])  # a copy: the buffers go on
+            flat, ready = _to_host(flat)
+        layers = self.recorder.layers
+        self._exporter.submit(
+            Report(
+                steps=steps,
+                layers=[layer.describe() for layer in layers],
+                bounded=[layer.spec.sat is not None for layer in layers],
+                dead_windows=[(pos, called) for pos, called, _ in self._dead],
+                param_numel=self._param_numel,
+                flat=flat,
+                ready=ready,
+                preview=True,
+            )
+        )
 
     def _take_histograms(self, number: int) -> None:
         """After a histogram step: its counts (activations, then this rank's gradients), summed over the ranks;
@@ -267,7 +299,7 @@ class Monitor:
                 message=trip.message(self.config.loss_jump),
                 source="local",
             )
-            then = "in the next report, combined across ranks" if self._combining else "now"
+            then = "as this rank's preview (the combined report follows)" if self._combining else "now"
             log.warning("layerwatch: %s; reporting the steps so far %s", alert.message, then)
             with self._alerts_lock:
                 self._alerts[alert.id] = alert

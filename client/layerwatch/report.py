@@ -45,6 +45,9 @@ class Report:
     end: str | None = None  # final status when this is the run's last report
     histograms: list[Snapshot] = field(default_factory=list)  # histogram steps of the interval (rank 0 only)
     combine: bool = False  # a regular report of a job whose ranks combine their reports (see layerwatch.ranks)
+    # This rank's interval so far, sent as a tripwire trips in a job whose ranks combine their reports: the
+    # collector judges its rows but does not store them (the regular report carries the same steps, combined).
+    preview: bool = False
 
 
 def translate(report: Report, values: list[float], weight_norms: dict[int, float]) -> list[dict[str, Any]]:

@@ -51,8 +51,10 @@ class Monitor:
         on_alert: Callable[[Alert], Any] | None = None,
         run_config: dict[str, Any] | None = None,
         types: Sequence[type[nn.Module]] | Mapping[type[nn.Module], str] | None = None,
+        scaler: Any = None,
     ) -> None:
         self.config = config
+        self.scaler = scaler  # a torch.amp.GradScaler: its overflows are skipped steps, its scale a statistic
         self.on_alert = on_alert
         self._closed = config.mode == "disabled"
         self._alerts: dict[str, Alert] = {}
@@ -181,8 +183,12 @@ class Monitor:
                 meta.tensor_scalars.append(name)
             else:
                 meta.host_scalars[name] = value
+        scale = self._loss_scale()
+        if scale is not None:
+            tensors.append(scale)
+            meta.tensor_scalars.append("loss_scale")
         self.recorder.end_step()
-        self._tripwire.arm(number, self.recorder.step_sums(meta.calls), norms, values.get("loss"))
+        self._tripwire.arm(number, self.recorder.step_sums(meta.calls), norms, values.get("loss"), scale)
         self._recorded += 1
         if self._histograms is not None:
             self._take_histograms(number)
@@ -200,6 +206,15 @@ class Monitor:
             self._report()
         elif tripped:
             self._preview()
+
+    def _loss_scale(self) -> torch.Tensor | None:
+        """The GradScaler's current scale, copied on the device (the scaler updates its own in place), or None
+        without an enabled scaler that has scaled a loss yet."""
+        scaler = self.scaler
+        current = getattr(scaler, "_scale", None)  # torch.amp.GradScaler's scale tensor, made at its first scale()
+        if not isinstance(current, torch.Tensor) or not getattr(scaler, "_enabled", True):
+            return None
+        return current.detach().reshape(1).float().clone()
 
     def _close_window(self) -> None:
         self._window_pos = 0

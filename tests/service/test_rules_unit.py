@@ -101,6 +101,24 @@ def test_non_finite_activation_and_gradient():
     assert total.state("non_finite") == "firing"
 
 
+def test_non_finite_skips_a_grad_scalers_overflow_until_its_scale_collapses():
+    """fp16 mixed precision: the client marks a step whose only NaN/Inf are its gradients (``overflow``, with the
+    GradScaler's ``loss_scale``); the scaler skipped it by design. A collapsed scale, or a NaN loss, still fires."""
+
+    def overflow(n: int, scale: float, loss: float = 1.0) -> dict[str, Any]:
+        scalars = {"overflow": 1.0, "loss_scale": scale}
+        return step(n, loss, grads={"fc1": 1.0, "fc2": INF}, grad_norm_total=INF, scalars=scalars)
+
+    skipped = Harness(only("non_finite")).feed(overflow(0, 65536.0), overflow(1, 32768.0), step(2))
+    assert skipped.breaches("non_finite") == [] and skipped.events == []
+    collapsed = Harness(only("non_finite")).feed(overflow(0, 2.0), overflow(1, 1.0), overflow(2, 0.5))
+    assert collapsed.events == [("non_finite", "", "firing", 1)]
+    alert = collapsed.alerts[("non_finite", "")]
+    assert alert.step == 2 and "loss scale down to 0.5" in alert.message
+    loss = Harness(only("non_finite")).feed(overflow(0, 65536.0, loss=NAN))
+    assert loss.state("non_finite") == "firing"
+
+
 def test_non_finite_clean_steps_do_not_breach():
     h = Harness(only("non_finite")).feed(
         *(

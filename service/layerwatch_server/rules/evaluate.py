@@ -99,8 +99,18 @@ def _bad(x: float | None) -> bool:
     return x is not None and not math.isfinite(x)
 
 
+MIN_LOSS_SCALE = 1.0  # below it a GradScaler's overflow is a collapse (as layerwatch.tripwire judges it)
+
+
 def non_finite(r: Rule, v: StepView, origin: dict[str, Any] | None) -> list[Obs]:
     where = [n for n, (_, _, st) in v.layers.items() if (st.get("nonfinite") or 0) > 0 or _bad(st.get("act_max_abs"))]
+    scale = v.scalars.get("loss_scale")
+    if v.scalars.get("overflow") == 1.0 and scale is not None and not where and not _bad(v.loss):
+        # fp16 mixed precision: the client's GradScaler overflowed and skipped the step, by design, unless its
+        # scale has collapsed (the gradients overflow unscaled)
+        bad = scale < MIN_LOSS_SCALE
+        msg = f"gradient overflow at step {v.step} with the loss scale down to {scale:.3g}" if bad else ""
+        return [Obs(r.name, "", bad, scale, MIN_LOSS_SCALE, msg)]
     where += [n for n, (_, st) in v.params.items() if _bad(st.get("grad_norm"))]
     bad = _bad(v.loss) or _bad(v.grad_norm_total) or bool(where)
     msg = ""

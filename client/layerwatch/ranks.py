@@ -13,10 +13,10 @@ The collectives run on the exporter thread, over a gloo group of its own, on hos
 never waits for it, the device streams never hold it, and it cannot interleave with the training's own
 collectives. The contract that keeps it from deadlocking (see docs/reference.md, "Distributed training"):
 regular reports come at the same recorded steps on every rank (steps are collective under DDP/FSDP); the
-tripwire does not send early; ``close()`` sends its last partial interval per rank, without a collective. A
-report whose peers never come (a rank that stopped early) fails when the peer's process leaves, or after
-``RANK_TIMEOUT``; then, as when the ranks' reports do not match (different layers, different steps), every
-rank sends its own rows from then on.
+tripwire sends a preview of one rank's rows, without a collective; ``close()`` sends its last partial interval
+per rank, without a collective. A report whose peers never come (a rank that stopped early) fails when the
+peer's process leaves, or after ``RANK_TIMEOUT``; then, as when the ranks' reports do not match (different
+layers, different steps), every rank sends its own rows from then on.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ Version 1 layout::
                                  "counts": [int, ...], "nan": int}, ...]},
       "ranks": {"loss_mean": [float | None, ...],                    # optional; see layerwatch.ranks
                 "step_time_mean": [float | None, ...]},
+      "preview": bool,                                               # optional, default false; see below
     }
 
 Version rule: ``v`` changes only when a reader of the old version would misread a batch. A new *optional*
@@ -40,6 +41,8 @@ measured at ``step`` (summed over ranks; only rank 0 sends it); NaNs are counted
 ``ranks``: in a batch of rows combined across ranks (rank 0 sends them; see :mod:`layerwatch.ranks`), each
 rank's mean loss and mean seconds between steps over the batch's report, indexed by rank; those steps' ``scalars``
 then carry ``loss_min``, ``loss_max``, ``loss_argmax_rank``, ``step_time_max``, ``step_time_argmax_rank``.
+``preview``: one rank's own steps of an interval so far, sent as its tripwire trips in a job whose ranks combine
+their reports: the collector judges them (alerts, ``nonfinite_origin``) and stores none; the combined batch does.
 
 A value is a float (NaN and Inf included: they are the signal) or None where a statistic does not apply
 (``sat_frac`` of an unbounded layer) or is not due at that step (``dead_frac`` outside a window's end).

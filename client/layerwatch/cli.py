@@ -57,7 +57,7 @@ def main() -> None:
 @click.option("--retries", default=8, show_default=True, help="Attempts per batch on retryable errors.")
 @click.option(
     "--in-flight",
-    default=1,
+    default=4,
     show_default=True,
     type=click.IntRange(1, 32),
     help="Batches on their way at once. Each names the one of its rank before it (a Layerwatch-Follows header), so "

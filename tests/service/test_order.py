@@ -7,10 +7,12 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import anyio
 import pytest
 from sqlalchemy import func, select
 
 from layerwatch import wire
+from layerwatch_server.api.order import Turns
 from layerwatch_server.storage.models import RuleState, step_stats
 from tests.waiting import wait_until
 
@@ -104,3 +106,70 @@ def test_a_header_that_names_no_earlier_batch_is_no_reason_to_wait(client, token
     waited_out = turns.waited_out
     answer = post(client, batch, token(project), headers={wire.FOLLOWS_HEADER: follows})
     assert answer.status_code == 202 and turns.waited_out == waited_out
+
+
+# -- the turns themselves ---------------------------------------------------------------------------------------
+async def _until(predicate: Any, timeout: float = 15.0) -> None:
+    """Let the other tasks run until ``predicate()`` holds."""
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.001)
+
+
+def test_turns_keep_the_order_a_rank_made_its_batches_in_whatever_order_they_come():
+    turns, done = Turns(wait_s=30), []
+
+    async def batch(seq: int, follows: int | None) -> None:
+        async with turns.turn("rank", seq, follows):
+            await anyio.sleep(0)  # another task could go meanwhile, were it its turn
+            done.append(seq)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            for seq in (3, 2, 1):  # the last first
+                tg.start_soon(batch, seq, seq - 1)
+                await _until(lambda seq=seq: turns.waiting == 4 - seq)
+            tg.start_soon(batch, 0, None)
+
+    anyio.run(main)
+    assert done == [0, 1, 2, 3] and turns.waited_out == 0
+
+
+def test_a_predecessor_that_never_comes_is_waited_for_once_and_the_rest_keep_their_order():
+    turns, done = Turns(wait_s=0.3), []
+
+    async def batch(seq: int) -> None:
+        async with turns.turn("rank", seq, seq - 1):
+            done.append(seq)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            for seq in (3, 2, 1):  # 0 never comes; 2 and 3 wait for 1 and 2, which came, not for the deadline
+                tg.start_soon(batch, seq)
+                await _until(lambda seq=seq: turns.waiting == 4 - seq)
+
+    anyio.run(main)
+    assert done == [1, 2, 3] and turns.waited_out == 1
+
+
+def test_a_turn_that_failed_is_over_all_the_same():
+    turns, done = Turns(wait_s=30), []
+
+    async def failing() -> None:
+        with pytest.raises(RuntimeError):
+            async with turns.turn("rank", 0, None):
+                await _until(lambda: turns.waiting == 1)  # its successor is waiting
+                raise RuntimeError("the database said no")
+
+    async def following() -> None:
+        async with turns.turn("rank", 1, 0):
+            done.append(1)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(failing)
+            await _until(lambda: "rank" in turns._ranks)
+            tg.start_soon(following)
+
+    anyio.run(main)
+    assert done == [1] and turns.waited_out == 0

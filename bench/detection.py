@@ -1,6 +1,6 @@
 """Detection: do the default rules page on real failures, early, and stay quiet on healthy training?
 
-    python bench/detection.py                    # every scenario (~3 min on a shared 2-core machine)
+    python bench/detection.py                    # every scenario (1.5 to 4 min on a shared 2-core machine)
     python bench/detection.py --only gpt-diverge batch2-noisy --dump /tmp/series.json
 
 Small models (MLPs, a CNN, RNNs, tiny GPT-2 and BERT from random-weight configs; the scenarios are in
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,7 @@ from tests.scenarios.suite import PUBLISHED, SCENARIOS, Pager, Result, rising_ed
 from tests.service.server import running_server
 
 OPT_IN = ("loss_plateau",)  # off by default: measured apart, never counted as a default page
+LOSS_SPIKE_KIND = re.compile(r", a (blow-up|spike|rise): ")  # which of loss_spike's tests paged (its message says)
 
 
 def _row(cells: list[object]) -> str:
@@ -48,7 +50,12 @@ def _row(cells: list[object]) -> str:
 
 def _page(p: dict[str, Any]) -> str:
     a, layers = p["alert"], p.get("incident", {}).get("layers") or []
-    return f"{a['rule']}@{a['step']}" + (f" ({len(layers)} layers)" if len(layers) > 1 else "")
+    kind = LOSS_SPIKE_KIND.search(a["message"] or "") if a["rule"] == "loss_spike" else None
+    return (
+        f"{a['rule']}@{a['step']}"
+        + (f" {kind[1]}" if kind else "")
+        + (f" ({len(layers)} layers)" if len(layers) > 1 else "")
+    )
 
 
 def report(results: list[Result], every: int) -> None:

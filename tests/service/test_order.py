@@ -98,6 +98,22 @@ def test_a_batch_too_late_to_wait_for_is_stored_and_judged_by_the_rules_without_
     assert _alerts(again)["non_finite"]["episode"] == nan["episode"]
 
 
+def test_a_predecessor_refused_as_malformed_holds_back_nothing(client, token, monkeypatch):
+    turns = client.app.state.lw.turns
+    monkeypatch.setattr(turns, "wait_s", 60.0)
+    project, run = unique("bad"), unique("run")
+    tok = token(project)
+    first = _batch(run, project, range(0, 30), 0, {})
+    first["steps"][3]["step"] = -1  # the collector refuses the batch (422), and so its turn is over
+    waited_out = turns.waited_out
+
+    thread, answer = _post_in_background(client, _batch(run, project, range(30, 60), 1, {}), tok, follows=0)
+    assert wait_until(lambda: turns.waiting == 1, 30, "the second batch waiting for its turn")
+    assert post(client, first, tok).status_code == 422
+    thread.join(30)
+    assert answer["r"].status_code == 202 and turns.waited_out == waited_out  # at once, not after 60 s
+
+
 @pytest.mark.parametrize("follows", ["", "x", "-1", "5"])
 def test_a_header_that_names_no_earlier_batch_is_no_reason_to_wait(client, token, follows):
     turns = client.app.state.lw.turns

@@ -8,12 +8,14 @@ must see its batches in order. Storage does not mind, and a sender that keeps se
   on its way: the request header ``Layerwatch-Follows: <seq>`` (``seq`` as in ``layerwatch.wire``). A batch
   without it (the exporter sends one batch at a time, in order) never waits.
 - Such a batch is decoded and validated at once, then waits for its predecessor's turn to end (stored, rules
-  evaluated, committed or failed) before its own write begins. It waits here, on the event loop: outside any
-  database transaction (SQLite has one writer; a batch holding it while waiting for another would deadlock)
-  and without a worker thread (the few of them stay free for the predecessor).
-- The wait is short: once the predecessor has arrived its turn is awaited (its own write bounds it); a
-  predecessor that has not arrived within ``wait_s`` (lost, refused, sent to another replica) is not waited
-  for any longer: the batch goes on, and should the predecessor come after all, its steps are judged as late
+  evaluated, committed or failed: one refused as malformed ends its turn there) before its own write begins.
+  It waits here, on the event loop: outside any database transaction (SQLite has one writer; a batch holding
+  it while waiting for another would deadlock) and without a worker thread (the few stay free for the
+  predecessor).
+- The wait is short: once the predecessor has arrived (its body is in: the collector reads who sent a msgpack
+  batch from its first bytes, before it queues for decoding) its turn is awaited, which its own write bounds; a
+  predecessor that has not arrived within ``wait_s`` (lost, sent to another replica) is not waited for any
+  longer: the batch goes on, and should the predecessor come after all, its steps are judged as late
   ones (see ``rules.evaluation``): nothing is skipped.
 
 All state lives in this process, on the event loop's thread (no locks): the last turns of the ranks heard from
@@ -24,8 +26,8 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Hashable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Hashable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import anyio
 
@@ -63,6 +65,37 @@ class _Rank:
                         del events[seq]
 
 
+class Arrival:
+    """The turns one request takes (see :meth:`Turns.arrival`)."""
+
+    def __init__(self, turns: Turns) -> None:
+        self.turns = turns
+        self.taken: list[tuple[Hashable, int]] = []
+
+    def mark(self, key: Hashable, seq: int) -> None:
+        """``seq`` of ``key`` has arrived."""
+        if (key, seq) not in self.taken:
+            rank = self.turns.rank(key)
+            rank.active += 1
+            rank.event(rank.arrived, seq).set()
+            self.taken.append((key, seq))
+
+    async def after(self, key: Hashable, seq: int, follows: int | None) -> None:
+        """Return in ``seq``'s turn: once ``follows`` (when given and earlier) has ended its own, or was not worth
+        waiting for any longer."""
+        self.mark(key, seq)
+        if follows is not None and follows < seq:
+            await self.turns.after(key, follows)
+
+    def end(self) -> None:
+        for key, seq in self.taken:
+            rank = self.turns.rank(key)
+            rank.event(rank.ended, seq).set()
+            rank.active -= 1
+            rank.forget_old()
+        self.taken.clear()
+
+
 class Turns:
     """Per (run, rank, process): a batch's turn begins once the batch it follows has ended its own."""
 
@@ -76,19 +109,26 @@ class Turns:
     async def turn(self, key: Hashable, seq: int, follows: int | None) -> AsyncIterator[None]:
         """The body runs in ``seq``'s turn: after ``follows`` (when given and earlier) has ended its own, or
         was not worth waiting for any longer."""
-        rank = self._rank(key)
-        rank.active += 1
-        rank.event(rank.arrived, seq).set()
-        try:
-            if follows is not None and follows < seq:
-                await self._after(key, rank, follows)
+        with self.arrival(None) as arrival:
+            await arrival.after(key, seq, follows)
             yield
-        finally:
-            rank.event(rank.ended, seq).set()
-            rank.active -= 1
-            rank.forget_old()
 
-    async def _after(self, key: Hashable, rank: _Rank, seq: int) -> None:
+    @contextmanager
+    def arrival(self, head: tuple[Hashable, int] | None) -> Iterator[Arrival]:
+        """A request from the moment its body is in: ``head`` (key, seq), where the body says so before it is
+        decoded, has arrived from now on (a batch that follows it stops counting the time), and every turn the
+        request takes ends with it, decoded or not (a batch refused as malformed holds back none after it)."""
+        arrival = Arrival(self)
+        if head is not None:
+            arrival.mark(*head)
+        try:
+            yield arrival
+        finally:
+            arrival.end()
+
+    async def after(self, key: Hashable, seq: int) -> None:
+        """Return once ``seq`` of ``key`` has ended its turn, or has not arrived within ``wait_s``."""
+        rank = self.rank(key)
         ended = rank.event(rank.ended, seq)
         if ended.is_set():
             return
@@ -106,7 +146,7 @@ class Turns:
             self.waited_out += 1
             log.info("batch %s of %r did not come within %.1f s: the batch after it goes on", seq, key, self.wait_s)
 
-    def _rank(self, key: Hashable) -> _Rank:
+    def rank(self, key: Hashable) -> _Rank:
         rank = self._ranks.get(key)
         if rank is None:
             rank = self._ranks[key] = _Rank()

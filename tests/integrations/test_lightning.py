@@ -112,7 +112,7 @@ def test_16_mixed_overflows_are_skipped_steps_not_alarms(tmp_path: Path):
     heard: list = []
     callback = LayerwatchCallback(mode="offline", spool_dir=str(tmp_path), every=4, on_alert=heard.append)
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**24))
-    _trainer(10, callback, plugins=[plugin]).fit(TinyRegressor(), _loader())
+    _trainer(10, callback, plugins=[plugin], logger=False).fit(TinyRegressor(), _loader())
     steps = [s for b in read_spool(tmp_path) for s in b["steps"]]
     overflow = [s["scalars"]["overflow"] for s in steps]
     assert overflow[0] == 1.0 and sum(overflow) >= 3 and overflow[-1] == 0.0

@@ -8,12 +8,14 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from layerwatch import wire
 from layerwatch_server.app import create_app
 from layerwatch_server.core.config import Settings
 from layerwatch_server.mirrors import source
@@ -154,6 +156,8 @@ def test_real_collector_mirrors_in_the_background(tmp_path, mlflow_url):
         ml_id = wait_until(mirrored_as_failed, 30, "the run to be mirrored as FAILED")
         mirror_pid = _mirror_pid(make_engine(db))
         assert mirror_pid != server.pid and _running(mirror_pid)  # a process of its own, beside the collector's
+        assert os.sched_getscheduler(mirror_pid) == os.SCHED_IDLE  # on CPU time ingest leaves over
+        assert os.sched_getscheduler(server.pid) == os.SCHED_OTHER
     assert len(_mlflow(mlflow_url).get_metric_history(ml_id, "layerwatch/dead_frac_max")) == 20
     assert not _running(mirror_pid)  # stopped with the collector
 
@@ -232,6 +236,43 @@ def test_mirror_process_ends_when_the_collector_is_killed(tmp_path, mlflow_url):
         parent.kill()  # no chance to stop its child
         parent.wait()
     wait_until(lambda: not _running(child), 30, "the orphaned mirror process to exit")
+
+
+def test_a_run_faster_than_the_budget_is_sent_downsampled_and_the_mirror_keeps_pace(collector, mlflow_url):
+    client, engine = collector
+    # 4 layers x 2 statistics, 4 parameters x 1, 8 run-level figures, 2 user scalars: 22 metrics a step;
+    # 64 steps in one tick are 1,408 metrics, past a budget of 200: every 8th step, 9 at most
+    mirror = MlflowMirror(MirrorConfig(tracking_uri=mlflow_url, max_metrics_per_tick=200))
+    healthy = {(s, i, "nonfinite"): 0.0 for s in range(80) for i in range(4)}
+    nan_at_5 = {**healthy, (5, 2, "nonfinite"): 3.0}  # 3 NaN/Inf activations counted by the client at step 5
+    key = unique("run")
+    run_id = post(client, _healthy_grads(make_batch(key, steps=range(64), overrides=nan_at_5))).json()["run_id"]
+    run = source.pending_runs(engine, 1, run_id)[0]
+    mirror.sync_run(engine, run, time.time())
+    assert run.cursor == 63 and mirror.metrics_total <= 200  # kept pace with all 64 steps in one tick
+    ml = _mlflow(mlflow_url)
+    ml_id = run.mlflow_run_id
+
+    def steps(key: str) -> list[int]:
+        return sorted(m.step for m in ml.get_metric_history(ml_id, key))
+
+    grid = list(range(0, 64, 8))
+    assert steps("loss") == grid and steps("linear/blocks.0.fc/act_std") == grid
+    assert steps("param/blocks.3.fc.weight/grad_norm") == grid
+    assert steps("linear/blocks.1.fc/dead_frac") == grid  # sparse: its first measurement of each window
+    assert steps("layerwatch/nonfinite_count") == sorted([*grid, 5])  # a non-finite count goes out at any step
+    # a tick that fits the budget sends every step again
+    post(client, _healthy_grads(make_batch(key, steps=range(64, 72), overrides=healthy)))
+    mirror.sync_run(engine, source.pending_runs(engine, 1, run_id)[0], time.time())
+    assert steps("loss") == [*grid, *range(64, 72)]
+
+
+def _healthy_grads(batch: dict) -> dict:
+    """No non-finite gradients counted (the test batches' every statistic is some large number)."""
+    at = 1 + wire.PARAM_STATS.index("grad_nonfinite")
+    for step in batch["steps"]:
+        step["params"] = [[*row[:at], 0.0, *row[at + 1 :]] for row in step["params"]]
+    return batch
 
 
 def test_backfill_command(collector, mlflow_url):

@@ -2,7 +2,7 @@
 
     python bench/detection.py                    # every scenario (1.5 to 4 min on a shared 2-core machine)
     python bench/detection.py --only gpt-diverge batch2-noisy --dump /tmp/series.json
-    python bench/detection.py --sweep            # held-out runs: 30 controls on other seeds, 20 divergences
+    python bench/detection.py --sweep            # held-out: 30 controls on other seeds, 20 divergences (9 min)
 
 ``--sweep`` runs, instead of the suite's own scenarios, every healthy control with its torch seeds shifted by
 100, 200 and 300 (``--seeds``), and five divergences, a learning rate that grows (tiny GPT-2: 2, 4 or 8% a step

@@ -72,24 +72,26 @@ def test_pictures_are_logged_as_images_at_a_bounded_rate_and_at_the_end(collecto
     mirror = MlflowMirror(MirrorConfig(tracking_uri=mlflow_url, image_interval_s=600.0, image_layers=2))
     key = unique("run")
     run_id = post(client, batch(key, range(0, 10))).json()["run_id"]
-    mirror.tick(engine, now=1000.0)
-    post(client, batch(key, range(10, 15)))
+    mirror.tick(engine, now=1000.0)  # the run's first tick: metrics only, its first pictures one interval on
+    post(client, batch(key, range(10, 12)))
     mirror.tick(engine, now=1001.0)  # new steps, but within the interval: metrics only
+    post(client, batch(key, range(12, 15)))
+    mirror.tick(engine, now=1600.0)  # new steps an interval after the first tick: pictures at the cursor
     post(client, batch(key, range(15, 20), end="finished"))
-    mirror.tick(engine, now=1002.0)  # the run ended: its last pictures
+    mirror.tick(engine, now=1601.0)  # the run ended: its last pictures
     assert mirror.errors_total == 0
 
     ml = MlflowClient(tracking_uri=mlflow_url)
     ml_id = client.get(f"/api/v1/runs/{run_id}").json()["mlflow_run_id"]
     assert [m.step for m in ml.get_metric_history(ml_id, "loss")] == list(range(20))
     logged = images(ml, ml_id)
-    assert logged.pop("layerwatch~health_map") == {9, 19}
+    assert logged.pop("layerwatch~health_map") == {14, 19}
     # the two worst layers at each set: alerted ones first, then by dead_frac (later alerts change the pick)
-    by_step = {step: {k.rpartition("~")[2] for k, steps in logged.items() if step in steps} for step in (9, 19)}
-    assert set().union(*logged.values()) == {9, 19} and all(len(names) == 2 for names in by_step.values()), logged
-    assert "blocks.1.fc" in by_step[9] & by_step[19] and "blocks.3.fc" not in by_step[9] | by_step[19], logged
+    by_step = {step: {k.rpartition("~")[2] for k, steps in logged.items() if step in steps} for step in (14, 19)}
+    assert set().union(*logged.values()) == {14, 19} and all(len(names) == 2 for names in by_step.values()), logged
+    assert "blocks.1.fc" in by_step[14] & by_step[19] and "blocks.3.fc" not in by_step[14] | by_step[19], logged
     for kind in ("activation", "gradient"):
-        assert logged[f"layerwatch~distribution~{kind}~blocks.1.fc"] == {9, 19}
+        assert logged[f"layerwatch~distribution~{kind}~blocks.1.fc"] == {14, 19}
     assert ml.get_run(ml_id).data.tags["mlflow.loggedImages"] == "True"
 
     files = [p.path for p in ml.list_artifacts(ml_id, "images")]
@@ -100,7 +102,7 @@ def test_pictures_are_logged_as_images_at_a_bounded_rate_and_at_the_end(collecto
         assert picture.width > 800 and picture.height > 200
 
     mirror.tick(engine, now=5000.0)  # ended and pictured: nothing more, however late
-    assert images(ml, ml_id) == {**logged, "layerwatch~health_map": {9, 19}}
+    assert images(ml, ml_id) == {**logged, "layerwatch~health_map": {14, 19}}
 
 
 def test_a_picture_that_fails_never_holds_back_the_metrics(collector, mlflow_url, monkeypatch):
@@ -114,8 +116,8 @@ def test_a_picture_that_fails_never_holds_back_the_metrics(collector, mlflow_url
     client, engine = collector
     monkeypatch.setattr(mirror_images.pictures, "render_health_map", broken)
     mirror = MlflowMirror(MirrorConfig(tracking_uri=mlflow_url))
-    run_id = post(client, batch(unique("run"), range(0, 5))).json()["run_id"]
-    mirror.tick(engine)
+    run_id = post(client, batch(unique("run"), range(0, 5), end="finished")).json()["run_id"]
+    mirror.tick(engine)  # the run ended: its pictures are due, and fail
     assert mirror.errors_total == 1
     ml_id = client.get(f"/api/v1/runs/{run_id}").json()["mlflow_run_id"]
     assert [m.step for m in MlflowClient(tracking_uri=mlflow_url).get_metric_history(ml_id, "loss")] == list(range(5))

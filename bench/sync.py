@@ -1,14 +1,15 @@
 """`layerwatch sync` of an offline run against the embedded default collector: layer-rows/s for the whole command.
 
-    python bench/sync.py                       # 5 rounds of 4 settings, a fresh collector each: ~3-5 min here
+    python bench/sync.py                       # 5 rounds of 6 settings, a fresh collector each: ~4-6 min here
     python bench/sync.py --repeats 1 --mirror off
 
 The run is made by the real client in offline mode (a 50-block Linear+ReLU MLP: 100 watched layers, 100
 parameters, ``every=10``). Each measurement copies its spool, starts a fresh ``layerwatch-server serve`` on a new
 SQLite database (the embedded default: the MLflow mirror on, or ``LAYERWATCH_MLFLOW_TRACKING_URI=off``), sends it
 one small batch of another run (a collector that has been up a while), and times the ``layerwatch sync`` process
-from start to exit (interpreter start-up included), with one batch in flight and with ``--in-flight N`` (the
-default, 4), the settings in turn within each round. The stored layer rows are counted in the database afterwards,
+from start to exit (interpreter start-up included): one batch at a time, ``--in-flight N`` alone, and the defaults
+(4 in flight, ``--merge 4``: consecutive batches of the rank joined into one request), the settings in turn
+within each round. The stored layer rows are counted in the database afterwards,
 and the alert rules' memory of the run is read back: a figure counts only when every row arrived and the rules
 judged every step in training order (their loss history is the run's last 100 losses, in order). Beside the times:
 the CPU seconds of the sync process, of the collector process, and of the collector's child processes (the MLflow
@@ -133,7 +134,7 @@ def warm_up(url: str) -> None:
         raise RuntimeError(f"warm-up batch refused: {answer.error}")
 
 
-def measure(spool: Path, tmp: Path, mirror: bool, in_flight: int, expected: int, steps: int) -> Sync:
+def measure(spool: Path, tmp: Path, mirror: bool, kind: tuple[int, int], expected: int, steps: int) -> Sync:
     """One `layerwatch sync` of a copy of ``spool`` into a fresh collector."""
     work = Path(tempfile.mkdtemp(dir=tmp))
     shutil.copytree(spool, work / "spool")
@@ -149,7 +150,17 @@ def measure(spool: Path, tmp: Path, mirror: bool, in_flight: int, expected: int,
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         done = subprocess.run(
-            [LAYERWATCH, "sync", str(work / "spool"), "--url", url, "--in-flight", str(in_flight)],
+            [
+                LAYERWATCH,
+                "sync",
+                str(work / "spool"),
+                "--url",
+                url,
+                "--in-flight",
+                str(kind[0]),
+                "--merge",
+                str(kind[1]),
+            ],
             capture_output=True,
             text=True,
         )
@@ -163,7 +174,7 @@ def measure(spool: Path, tmp: Path, mirror: bool, in_flight: int, expected: int,
     if stored != expected:
         raise RuntimeError(f"{stored} layer rows stored, {expected} expected")
     if not judged_in_order(db, steps):
-        raise RuntimeError(f"the alert rules did not judge every step in order ({in_flight} in flight)")
+        raise RuntimeError(f"the alert rules did not judge every step in order ({kind} in flight, per request)")
     shutil.rmtree(work, ignore_errors=True)
     client_cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
     return Sync(seconds, client_cpu, collector_cpu, mirror_cpu)
@@ -174,42 +185,46 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=50, help="Linear+ReLU blocks (two watched layers each)")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--every", type=int, default=10)
-    parser.add_argument("--in-flight", type=int, default=4, help="batches in flight for the concurrent sync")
+    parser.add_argument("--in-flight", type=int, default=4, help="batches in flight for the concurrent syncs")
+    parser.add_argument("--merge", type=int, default=4, help="batches per request for the joined sync")
     parser.add_argument("--repeats", type=int, default=5, help="rounds; each measures every setting once, in turn")
     parser.add_argument("--mirror", choices=["on", "off", "both"], default="both")
     args = parser.parse_args()
 
     mirrors = {"on": [True], "off": [False], "both": [True, False]}[args.mirror]
-    settings = [(mirror, n) for mirror in mirrors for n in (1, args.in_flight)]
+    # (in flight, batches per request): one at a time (the sync of before #16), in flight alone, and the default
+    kinds = [(1, 1), (args.in_flight, 1), (args.in_flight, args.merge)]
+    settings = [(mirror, kind) for mirror in mirrors for kind in kinds]
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         rows = offline_run(tmp / "run", args.blocks, args.steps, args.every)
         batches = sum(1 for seg in (tmp / "run").rglob("*.lws") for _ in read_records(seg))
         print(f"offline run: {2 * args.blocks} layers x {args.steps} steps = {rows:,} layer rows in {batches} batches")
-        results: dict[tuple[bool, int], list[Sync]] = {s: [] for s in settings}
+        results: dict[tuple[bool, tuple[int, int]], list[Sync]] = {s: [] for s in settings}
         for _ in range(args.repeats):  # settings side by side in each round: the machine's load drifts alike
-            for mirror, n in settings:
-                results[mirror, n].append(measure(tmp / "run", tmp, mirror, n, rows, args.steps))
+            for mirror, kind in settings:
+                results[mirror, kind].append(measure(tmp / "run", tmp, mirror, kind, rows, args.steps))
     print(
-        f"{'MLflow mirror':<14}{'in flight':>10}{'median s':>10}{'layer-rows/s':>14}{'best s':>8}{'layer-rows/s':>14}"
-        f"{'sync CPU s':>12}{'collector CPU s':>17}{'its children':>14}"
+        f"{'MLflow mirror':<14}{'in flight':>10}{'merge':>6}{'median s':>10}{'layer-rows/s':>14}{'best s':>8}"
+        f"{'layer-rows/s':>14}{'sync CPU s':>12}{'collector CPU s':>17}{'its children':>14}{'speed-up':>10}"
     )
-    medians: dict[tuple[bool, int], float] = {}
+    medians: dict[tuple[bool, tuple[int, int]], float] = {}
     for mirror in mirrors:
-        for n in (1, args.in_flight):
-            runs = results[mirror, n]
-            medians[mirror, n] = median = statistics.median(r.seconds for r in runs)
+        for kind in kinds:
+            runs = results[mirror, kind]
+            medians[mirror, kind] = median = statistics.median(r.seconds for r in runs)
             best = min(r.seconds for r in runs)
             print(
-                f"{'on' if mirror else 'off':<14}{n:>10}{median:>10.2f}{rows / median:>14,.0f}{best:>8.2f}"
-                f"{rows / best:>14,.0f}{statistics.median(r.client_cpu for r in runs):>12.2f}"
+                f"{'on' if mirror else 'off':<14}{kind[0]:>10}{kind[1]:>6}{median:>10.2f}{rows / median:>14,.0f}"
+                f"{best:>8.2f}{rows / best:>14,.0f}{statistics.median(r.client_cpu for r in runs):>12.2f}"
                 f"{statistics.median(r.collector_cpu for r in runs):>17.2f}"
                 f"{statistics.median(r.mirror_cpu for r in runs):>14.2f}"
+                f"{medians[mirror, kinds[0]] / median:>9.2f}x"  # against one at a time, medians
             )
-        print(f"{'':<14}{'speed-up':>10}{medians[mirror, 1] / medians[mirror, args.in_flight]:>9.2f}x (medians)")
     if len(mirrors) == 2:  # what the mirror costs the sync, from the same rounds
-        for n in (1, args.in_flight):
-            print(f"mirror on / off, {n} in flight: {medians[False, n] / medians[True, n]:.2f}x the rate (medians)")
+        for kind in kinds:
+            ratio = medians[False, kind] / medians[True, kind]
+            print(f"mirror on / off, {kind[0]} in flight, {kind[1]} per request: {ratio:.2f}x the rate (medians)")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from queue import SimpleQueue
@@ -63,9 +64,24 @@ def main() -> None:
     help="Batches on their way at once. Each names the one of its rank before it (a Layerwatch-Follows header), so "
     "the collector judges a rank's steps in the order they were trained, whatever order they arrive in.",
 )
+@click.option(
+    "--merge",
+    default=4,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Consecutive batches of one rank sent as one request, up to this many (and the collector's row limit): "
+    "the collector stores them in one transaction, at about half the cost of one each.",
+)
 @click.option("--rejected", "resend_rejected", is_flag=True, help="Also resend the batches set aside in rejected/.")
 def sync(
-    directory: Path, url: str, token: str | None, timeout: float, retries: int, in_flight: int, resend_rejected: bool
+    directory: Path,
+    url: str,
+    token: str | None,
+    timeout: float,
+    retries: int,
+    in_flight: int,
+    merge: int,
+    resend_rejected: bool,
 ) -> None:
     """Upload the spooled batches under DIRECTORY (an offline run, or what a run left behind).
 
@@ -81,7 +97,7 @@ def sync(
     if not spools and not rejected:
         _say(f"[yellow]No spooled batches under {escape(str(directory))}.[/]")
         return
-    upload = _Upload(transport.KeptAliveTransport(url, token, timeout), url, retries, in_flight)
+    upload = _Upload(transport.KeptAliveTransport(url, token, timeout), url, retries, in_flight, merge)
     with console.status(f"Uploading batches from {len(spools)} spool(s) to {url} ...") as upload.status:
         for d in spools:
             if not upload.drain(spool.Spool(d, max_bytes=1 << 62)):
@@ -109,44 +125,52 @@ class _Upload:
     """One `layerwatch sync`: each spool's records sent ``in_flight`` at a time through the shared retry loop,
     acknowledged in spool order, outcomes tallied. Only the calling thread touches the spool."""
 
-    def __init__(self, sender: transport.Transport, url: str, retries: int, in_flight: int = 1) -> None:
+    def __init__(self, sender: transport.Transport, url: str, retries: int, in_flight: int = 1, merge: int = 1) -> None:
         self.sender, self.url, self.retries, self.in_flight = sender, url, retries, in_flight
+        self.merge = merge  # batches per request at most (set-aside ones are resent one by one)
         self.status: Any = None
         self.sent = self.failed = self.corrupt = 0
         self.stopped = False
 
     def drain(self, queue: spool.Spool, again: int | None = None) -> bool:
         """Deliver ``queue`` oldest first; ``again``: resend that many set-aside batches. False: stop syncing."""
-        records = queue.pending()
-        if again is not None:
-            records = itertools.islice(records, again)
+        records = _Ahead(queue.pending() if again is None else itertools.islice(queue.pending(), again))
+        merge = self.merge if again is None else 1
         acks = _InOrder(queue)
         senders = _Senders(self.in_flight, self._deliver)
-        flying: set[int] = set()  # turns on their way
+        flying: set[int] = set()  # first turns of the requests on their way
         halted = False
         previous: tuple[tuple[str, str, int, int, int] | None, int] = (None, -1)  # the last sent: its sender, turn
-        ahead = next(records, None)
         try:
             while True:
-                while ahead is not None and not halted and len(flying) < self.in_flight:
-                    following = next(records, None)
-                    if following is None and flying:
-                        break  # the last batch (a run's end) goes when all before it are delivered
-                    segment, offset, payload = ahead
-                    ahead, turn = following, acks.add(segment, offset)
+                while records.peek(0) is not None and not halted and len(flying) < self.in_flight:
+                    if records.peek(1) is None and flying:
+                        break  # the last batch (a run's end) goes alone, when all before it are delivered
+                    segment, offset, payload = records.pop()
+                    turns = [acks.add(segment, offset)]
                     if payload is None:  # an unreadable span, already set aside
-                        acks.done(turn)
-                    else:
-                        sender = wire.sender_of(payload)
-                        senders.send(turn, payload, _follows(sender, *previous, flying))
-                        flying.add(turn)
-                        previous = (sender, turn)
+                        acks.done(turns[0])
+                        continue
+                    parts, joined = [payload], _Joined.of(payload) if merge > 1 else None
+                    while joined is not None and len(parts) < merge and records.peek(1) is not None:
+                        segment, offset, candidate = records.peek(0)
+                        if candidate is None or not joined.add(candidate):
+                            break
+                        records.pop()
+                        turns.append(acks.add(segment, offset))
+                        parts.append(candidate)
+                    body = joined.encode() if joined is not None and len(parts) > 1 else payload
+                    sender = wire.sender_of(body)
+                    senders.send(turns, body, parts, _follows(sender, *previous, flying))
+                    flying.add(turns[0])
+                    previous = (sender, turns[0])
                 if not flying:
                     return not self.stopped
-                turn, payload, outcome, result = senders.results.get()
-                flying.discard(turn)
-                if self._settle(queue, payload, outcome, result, again, quiet=halted):
-                    acks.done(turn)
+                turns, parts, outcome, result = senders.results.get()
+                flying.discard(turns[0])
+                if self._settle(queue, parts, outcome, result, again, quiet=halted):
+                    for turn in turns:
+                        acks.done(turn)
                 else:
                     halted = halted or outcome in (delivery.Outcome.RETRY, delivery.Outcome.KEEP)
         finally:
@@ -163,14 +187,14 @@ class _Upload:
     def _settle(
         self,
         queue: spool.Spool,
-        payload: bytes,
+        parts: list[bytes],
         outcome: delivery.Outcome,
         result: transport.Delivery,
         again: int | None,
         quiet: bool,
     ) -> bool:
-        """Act on one batch's final outcome (the table in :mod:`layerwatch.delivery`); True: it may be acknowledged.
-        ``quiet``: this spool already stopped, and said why."""
+        """Act on one request's final outcome (the table in :mod:`layerwatch.delivery`); True: its ``parts`` (the
+        spooled batches it carried) may be acknowledged. ``quiet``: this spool already stopped, and said why."""
         where = str(queue.directory)
         if outcome is delivery.Outcome.RETRY:
             self.failed += 1
@@ -185,12 +209,13 @@ class _Upload:
             return False
         if outcome is delivery.Outcome.POISON:
             _say(f"[yellow]{escape(where)}: the collector refused a batch ({escape(result.error)})[/]")
-            if again is None:
-                queue.set_aside(payload, result.error)
-            elif not _keep_rejected(queue, payload, result.error):
+            if again is None:  # each part apart: `--rejected` resends them one by one, and the good ones go in
+                for payload in parts:
+                    queue.set_aside(payload, result.error)
+            elif not all(_keep_rejected(queue, payload, result.error) for payload in parts):
                 return False  # it stays where it was
         else:
-            self.sent += 1
+            self.sent += len(parts)
         self.status.update(f"Uploading batches to {self.url} ... {self.sent} sent")
         return True
 
@@ -229,6 +254,104 @@ class _Following:
 
 
 Deliver = Callable[[bytes, int | None], tuple[delivery.Outcome, transport.Delivery]]
+Job = tuple[list[int], bytes, list[bytes], int | None]  # turns, request body, the spooled batches in it, follows
+
+
+class _Ahead:
+    """An iterator that can be looked into a few items ahead."""
+
+    def __init__(self, items: Iterator[Any]) -> None:
+        self.items, self.buffer = items, deque[Any]()
+
+    def peek(self, i: int) -> Any:
+        while len(self.buffer) <= i:
+            item = next(self.items, None)
+            if item is None:
+                return None
+            self.buffer.append(item)
+        return self.buffer[i]
+
+    def pop(self) -> Any:
+        self.peek(0)
+        return self.buffer.popleft()
+
+
+_JOINABLE = frozenset(
+    {"v", "run", "rank", "host", "pid", "seq", "layers", "params", "layer_stats", "param_stats", "steps"}
+    | {"nonfinite_origin", "end", "dropped"}
+)
+_SAME = ("v", "rank", "pid", "layers", "params", "layer_stats", "param_stats")
+
+
+class _Joined:
+    """Consecutive spooled batches of one rank's process (``seq`` after ``seq``) as one batch: their steps in one
+    list, the first's run (its config) and registries, the last's ``seq`` and cumulative ``dropped``. Only plain
+    ones join: the same layers and parameters, no key this sync does not know (histograms, a combined report's
+    ranks, a run's end), steps apart, within the collector's row and body limits."""
+
+    def __init__(self, first: dict[str, Any], size: int) -> None:
+        self.batch, self.size = first, size
+        self.steps: list[Any] = list(first["steps"])
+        self.seen = {step.get("step") for step in self.steps}
+        self.rows = _rows(self.steps)
+        self.seq: int = first["seq"]
+        self.origin, self.dropped = first.get("nonfinite_origin"), first.get("dropped")
+
+    @classmethod
+    def of(cls, payload: bytes) -> _Joined | None:
+        batch = _joinable(payload)
+        return cls(batch, len(payload)) if batch is not None else None
+
+    def add(self, payload: bytes) -> bool:
+        """Join ``payload`` if it can be; False leaves this one as it was."""
+        batch = _joinable(payload)
+        if batch is None or batch["seq"] != self.seq + 1 or any(batch.get(k) != self.batch.get(k) for k in _SAME):
+            return False
+        run, first = batch["run"], self.batch["run"]
+        if run.get("project") != first.get("project") or run.get("key") != first.get("key"):
+            return False
+        steps, origin = batch["steps"], batch.get("nonfinite_origin")
+        rows = _rows(steps)
+        if (origin and self.origin) or self.rows + rows > wire.MAX_ROWS or self.size + len(payload) > _JOINED_BYTES:
+            return False
+        numbers = {step.get("step") for step in steps}
+        if len(numbers) != len(steps) or numbers & self.seen:
+            return False
+        self.steps += steps
+        self.seen |= numbers
+        self.rows, self.size, self.seq = self.rows + rows, self.size + len(payload), batch["seq"]
+        self.origin, self.dropped = self.origin or origin, batch.get("dropped", self.dropped)
+        return True
+
+    def encode(self) -> bytes:
+        joined = {**self.batch, "seq": self.seq, "steps": self.steps, "nonfinite_origin": self.origin}
+        if self.dropped is not None:
+            joined["dropped"] = self.dropped
+        return wire.encode(joined)
+
+
+_JOINED_BYTES = wire.MAX_BODY_BYTES // 2  # compressed; what joins compresses alike
+
+
+def _joinable(payload: bytes) -> dict[str, Any] | None:
+    """The batch in ``payload`` if it is one that may join others (see :class:`_Joined`)."""
+    try:
+        batch = wire.decode(payload)
+    except wire.WireError:
+        return None
+    ok = (
+        set(batch) <= _JOINABLE
+        and batch.get("end") is None
+        and isinstance(batch.get("seq"), int)
+        and isinstance(batch.get("run"), dict)
+        and isinstance(batch.get("steps"), list)
+        and all(isinstance(step, dict) for step in batch["steps"])
+    )
+    return batch if ok else None
+
+
+def _rows(steps: list[dict[str, Any]]) -> int:
+    return sum(len(step.get("layers") or ()) + len(step.get("params") or ()) for step in steps)
 
 
 class _Senders:
@@ -237,14 +360,14 @@ class _Senders:
 
     def __init__(self, n: int, deliver: Deliver) -> None:
         self.deliver = deliver
-        self.jobs: SimpleQueue[tuple[int, bytes, int | None] | None] = SimpleQueue()
-        self.results: SimpleQueue[tuple[int, bytes, delivery.Outcome, transport.Delivery]] = SimpleQueue()
+        self.jobs: SimpleQueue[Job | None] = SimpleQueue()
+        self.results: SimpleQueue[tuple[list[int], list[bytes], delivery.Outcome, transport.Delivery]] = SimpleQueue()
         self.threads = [threading.Thread(target=self._work, name="layerwatch-sync", daemon=True) for _ in range(n)]
         for thread in self.threads:
             thread.start()
 
-    def send(self, turn: int, payload: bytes, follows: int | None = None) -> None:
-        self.jobs.put((turn, payload, follows))
+    def send(self, turns: list[int], body: bytes, parts: list[bytes], follows: int | None = None) -> None:
+        self.jobs.put((turns, body, parts, follows))
 
     def close(self) -> None:
         for _ in self.threads:
@@ -252,12 +375,12 @@ class _Senders:
 
     def _work(self) -> None:
         while (job := self.jobs.get()) is not None:
-            turn, payload, follows = job
+            turns, body, parts, follows = job
             try:
-                outcome, result = self.deliver(payload, follows)
+                outcome, result = self.deliver(body, follows)
             except Exception as exc:  # a transport never raises; if one did, the batch waits for the next sync
                 outcome, result = delivery.Outcome.RETRY, transport.Delivery(ok=False, error=repr(exc))
-            self.results.put((turn, payload, outcome, result))
+            self.results.put((turns, parts, outcome, result))
 
 
 class _InOrder:

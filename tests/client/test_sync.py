@@ -250,3 +250,22 @@ def test_ctrl_c_stops_a_sync_at_once_and_skips_nothing(tmp_path):
         finally:
             sync.kill()
     assert spool.pending_records(tmp_path / "run" / "rank-0") == BATCHES
+
+
+def test_consecutive_batches_of_a_rank_go_as_one_request(tmp_path):
+    transport = Gated(held=set(), answer=Delivery(ok=True))
+    up = _Upload(transport, "http://collector", retries=0, in_flight=1, merge=4)
+    up.status = Status()
+    assert up.drain(spooled(tmp_path, pids=[7, 7, 7, 7, 7, 8, 8, 8]))
+    # 0-3 as one (seq 3), 4 alone (the next is another process's), 5-6, and the last alone after all
+    assert transport.delivered == [3, 4, 6, 7]
+    assert up.sent == BATCHES and spool.pending_records(tmp_path) == 0
+
+
+def test_a_joined_request_refused_sets_its_batches_aside_one_by_one(tmp_path):
+    transport = Gated(held=set(), answer=Delivery(ok=True))
+    transport.post_batch = lambda payload, headers=None: Delivery(ok=False, status=422, error="HTTP 422: no")
+    up = _Upload(transport, "http://collector", retries=0, in_flight=1, merge=4)
+    up.status = Status()
+    up.drain(spooled(tmp_path))
+    assert spool.pending_records(tmp_path / spool.REJECTED) == BATCHES  # each where `--rejected` resends it alone

@@ -285,7 +285,9 @@ _SAME = ("v", "rank", "pid", "layers", "params", "layer_stats", "param_stats")
 
 class _Joined:
     """Consecutive spooled batches of one rank's process (``seq`` after ``seq``) as one batch: their steps in one
-    list, the first's run (its config) and registries, the last's ``seq`` and cumulative ``dropped``. Only plain
+    list, each one's last step in ``report_ends`` (where the collector's rules judge a report, as they would have
+    judged each batch), the first's run (its config) and registries, the last's ``seq`` and cumulative
+    ``dropped``. Only plain
     ones join: the same layers and parameters, no key this sync does not know (histograms, a combined report's
     ranks, a run's end), steps apart, within the collector's row and body limits."""
 
@@ -296,6 +298,7 @@ class _Joined:
         self.rows = _rows(self.steps)
         self.seq: int = first["seq"]
         self.origin, self.dropped = first.get("nonfinite_origin"), first.get("dropped")
+        self.ends = [_last(self.steps)]  # each batch's last step: the collector's rules judge a report there
 
     @classmethod
     def of(cls, payload: bytes) -> _Joined | None:
@@ -318,6 +321,7 @@ class _Joined:
         if len(numbers) != len(steps) or numbers & self.seen:
             return False
         self.steps += steps
+        self.ends.append(_last(steps))
         self.seen |= numbers
         self.rows, self.size, self.seq = self.rows + rows, self.size + len(payload), batch["seq"]
         self.origin, self.dropped = self.origin or origin, batch.get("dropped", self.dropped)
@@ -327,6 +331,7 @@ class _Joined:
         joined = {**self.batch, "seq": self.seq, "steps": self.steps, "nonfinite_origin": self.origin}
         if self.dropped is not None:
             joined["dropped"] = self.dropped
+        joined["report_ends"] = [end for end in self.ends if end is not None]
         return wire.encode(joined)
 
 
@@ -348,6 +353,11 @@ def _joinable(payload: bytes) -> dict[str, Any] | None:
         and all(isinstance(step, dict) for step in batch["steps"])
     )
     return batch if ok else None
+
+
+def _last(steps: list[dict[str, Any]]) -> int | None:
+    numbers = [step["step"] for step in steps if isinstance(step.get("step"), int)]
+    return max(numbers, default=None)
 
 
 def _rows(steps: list[dict[str, Any]]) -> int:

@@ -30,7 +30,8 @@ Version 1 layout::
       "ranks": {"loss_mean": [float | None, ...],                    # optional; see layerwatch.ranks
                 "step_time_mean": [float | None, ...]},
       "preview": bool,                                               # optional, default false; see below
-    }
+      "report_ends": [int, ...],                                     # optional: in a batch joining several
+    }                                                                # (layerwatch sync), each one's last step
 
 Version rule: ``v`` changes only when a reader of the old version would misread a batch. A new *optional*
 key (``histograms`` was one) keeps ``v``: collectors ignore keys they do not know (``extra="ignore"``), and

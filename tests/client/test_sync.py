@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from layerwatch import spool, wire
-from layerwatch.cli import _Upload
+from layerwatch.cli import _Joined, _Upload
 from layerwatch.cli import main as cli
 from layerwatch.transport import Delivery, HttpTransport, KeptAliveTransport
 from tests.waiting import wait_until
@@ -269,3 +269,14 @@ def test_a_joined_request_refused_sets_its_batches_aside_one_by_one(tmp_path):
     up.status = Status()
     up.drain(spooled(tmp_path))
     assert spool.pending_records(tmp_path / spool.REJECTED) == BATCHES  # each where `--rejected` resends it alone
+
+
+def test_a_joined_batch_keeps_each_batch_a_report_of_its_own(tmp_path):
+    payloads = [payload for _, _, payload in spooled(tmp_path).pending()]
+    joined = _Joined.of(payloads[0])
+    assert joined is not None and joined.add(payloads[1]) and joined.add(payloads[2])
+    assert not joined.add(payloads[4])  # not the next one
+    batch = wire.decode(joined.encode())
+    assert [s["step"] for s in batch["steps"]] == [0, 1, 2] and batch["report_ends"] == [0, 1, 2]
+    assert batch["seq"] == 2 and wire.sender_of(joined.encode()) == ("p", "k", 0, 7, 2)
+    assert _Joined.of(payloads[-1]) is None  # the run's end goes alone

@@ -114,6 +114,23 @@ def test_a_predecessor_refused_as_malformed_holds_back_nothing(client, token, mo
     assert answer["r"].status_code == 202 and turns.waited_out == waited_out  # at once, not after 60 s
 
 
+@pytest.mark.parametrize(("ends", "state"), [([9], "firing"), ([], "pending")])
+def test_a_batch_joining_two_reports_is_judged_at_the_end_of_each(client, token, ends, state):
+    """``layerwatch sync`` joins a rank's batches; ``report_ends`` keeps their reports apart for the rules: a
+    saturated layer breaches at both reports' ends, and saturation's ``for: 2`` fires, as with two batches."""
+    project = unique("join")
+    calm = {(s, i, stat): 0.0 for s in range(20) for i in range(3) for stat in ("dead_frac", "sat_frac", "nonfinite")}
+    saturated = {(s, 1, "sat_frac"): 0.9 for s in range(20)}  # layer 1 is a bounded one (tanh-like)
+    batch = make_batch(unique("run"), steps=range(20), n_layers=3, project=project, overrides={**calm, **saturated})
+    for step in batch["steps"]:  # dead units are judged at a window's end; here no window ends
+        for row in step["layers"]:
+            row[1 + wire.LAYER_STATS.index("dead_frac")] = None
+    batch["report_ends"] = ends
+    answer = post(client, batch, token(project))
+    assert answer.status_code == 202
+    assert _alerts(answer)["saturation"]["state"] == state
+
+
 @pytest.mark.parametrize("follows", ["", "x", "-1", "5"])
 def test_a_header_that_names_no_earlier_batch_is_no_reason_to_wait(client, token, follows):
     turns = client.app.state.lw.turns

@@ -178,6 +178,9 @@ class Batch(_Wire):
     # Optional: a rank's steps so far, sent early because its tripwire tripped in a job whose ranks combine their
     # reports. Judged by the rules (and its origin kept), not stored: the job's combined report stores those steps.
     preview: bool = False
+    # Optional: in a batch that joins several of a rank's (``layerwatch sync``), the last step of each report in it,
+    # which the rules judge as a report's end (the batch's own last step is one anyway).
+    report_ends: Annotated[list[NonNegInt], Field(max_length=MAX_STEPS)] = []
 
     @model_validator(mode="after")
     def _consistent(self) -> Batch:

@@ -149,11 +149,12 @@ class Evaluation:
         breaches_only: bool = False,
     ) -> None:
         """``steps`` (in step order) through ``rules``, their observations through ``lc``."""
+        ends = set(batch.report_ends)  # a batch joining several reports says where each ended
         for i, step in enumerate(steps):
-            # A report is the last step, or any step closing a dead-unit window; other steps only need their
-            # layers when something in them is non-finite.
+            # A report is the last step, one the batch names, or any step closing a dead-unit window; other steps
+            # only need their layers when something in them is non-finite.
             window_end, bad = needs_detail(batch, step)
-            report = i == len(steps) - 1 or window_end
+            report = i == len(steps) - 1 or window_end or step.step in ends
             v = view(batch, step, detailed=report or bad)
             for obs in evaluate_step(rules, v, mem, origin, report):
                 if obs.breach or not breaches_only:

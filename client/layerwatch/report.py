@@ -26,6 +26,8 @@ class StepMeta:
     full_params: bool = False  # all parameter statistics this step, or only gradient norms
     tensor_scalars: list[str] = field(default_factory=list)  # names of values packed on the device
     host_scalars: dict[str, float] = field(default_factory=dict)  # values given as Python numbers
+    rank_grad: bool = False  # this rank's own squared gradient norm follows the tensor scalars (DDP, combined ranks)
+    rank_grad_norm: float | None = None  # its square root, read from the buffer by translate()
 
 
 @dataclass
@@ -33,7 +35,8 @@ class Report:
     """What a report carries besides its numbers. Spans in the flat buffer, in order:
     raw activation sums (layers x steps x RAW_WIDTH), one dead_frac vector per window that ended
     (layers each), then per step its parameter block (PARAM_WIDTH x params on a full step, else the gradient
-    norms alone) and its tensor scalars."""
+    norms alone), its tensor scalars and this rank's own squared gradient norm (``rank_grad``); last, for each
+    ``activity`` entry, a window's units active on this rank, packed by :func:`stats.pack_bits`."""
 
     steps: list[StepMeta]
     layers: list[dict[str, Any]]
@@ -45,6 +48,9 @@ class Report:
     end: str | None = None  # final status when this is the run's last report
     histograms: list[Snapshot] = field(default_factory=list)  # histogram steps of the interval (rank 0 only)
     combine: bool = False  # a regular report of a job whose ranks combine their reports (see layerwatch.ranks)
+    # Words of each dead-unit window's packed unit activity, to be OR-ed across ranks (layerwatch.ranks); empty:
+    # the windows' dead_frac is this rank's own (no torch.distributed, or the run's last report).
+    activity: list[int] = field(default_factory=list)
 
 
 def translate(report: Report, values: list[float], weight_norms: dict[int, float]) -> list[dict[str, Any]]:
@@ -87,6 +93,9 @@ def translate(report: Report, values: list[float], weight_norms: dict[int, float
         scalars = dict(meta.host_scalars)
         for name in meta.tensor_scalars:
             scalars[name] = values[cursor]
+            cursor += 1
+        if meta.rank_grad:
+            meta.rank_grad_norm = math.sqrt(values[cursor])
             cursor += 1
         lr = scalars.pop("lr", None)
         loss = scalars.pop("loss", None)

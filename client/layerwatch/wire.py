@@ -28,7 +28,8 @@ Version 1 layout::
                      "layers": [{"layer": str, "kind": "activation" | "gradient", "step": int,
                                  "counts": [int, ...], "nan": int}, ...]},
       "ranks": {"loss_mean": [float | None, ...],                    # optional; see layerwatch.ranks
-                "step_time_mean": [float | None, ...]},
+                "step_time_mean": [float | None, ...],
+                "grad_norm_mean": [float | None, ...]},
     }
 
 Version rule: ``v`` changes only when a reader of the old version would misread a batch. A new *optional*
@@ -38,8 +39,9 @@ per layer, the counts of its activations (``layer``: a watched layer's name) or 
 parameters its module owns (``layer``: the module's name) in the ``len(edges) + 1`` bins between ``edges``,
 measured at ``step`` (summed over ranks; only rank 0 sends it); NaNs are counted apart in ``nan``.
 ``ranks``: in a batch of rows combined across ranks (rank 0 sends them; see :mod:`layerwatch.ranks`), each
-rank's mean loss and mean seconds between steps over the batch's report, indexed by rank; those steps' ``scalars``
-then carry ``loss_min``, ``loss_max``, ``loss_argmax_rank``, ``step_time_max``, ``step_time_argmax_rank``.
+rank's mean loss, mean seconds between steps and mean own gradient norm (before DDP averages it) over the batch's
+report, indexed by rank; those steps' ``scalars`` then carry ``loss_min``, ``loss_max``, ``loss_argmax_rank``,
+``step_time_max``, ``step_time_argmax_rank``, and under DDP ``grad_norm_rank_max``, ``grad_norm_argmax_rank``.
 
 A value is a float (NaN and Inf included: they are the signal) or None where a statistic does not apply
 (``sat_frac`` of an unbounded layer) or is not due at that step (``dead_frac`` outside a window's end).

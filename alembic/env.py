@@ -8,6 +8,7 @@ from alembic import context
 from sqlalchemy import Connection, Engine, text
 
 from layerwatch_server.core.config import load_settings
+from layerwatch_server.storage import partitions
 from layerwatch_server.storage.engine import make_engine, writer
 from layerwatch_server.storage.models import Base
 
@@ -29,6 +30,7 @@ def run_with(connection: Connection) -> None:
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",  # SQLite cannot ALTER most things
         compare_type=True,
+        include_name=partitions.include_name,  # made at run time, not by revisions
     )
     with context.begin_transaction():
         if connection.dialect.name == "postgresql":

@@ -20,6 +20,10 @@ breaking one (each a chance to write a poisoned optimizer state or checkpoint). 
 NaN, as an unattended job would, until the webhook has arrived. Without the early report the NaN would have
 waited for the interval's last step (position every-1): that baseline is the last position's figure plus the
 steps in between, printed beside it.
+
+``--client --ranks 2`` runs each trial as a DDP job of that many gloo processes with the ranks' reports combined
+(the default): the NaN enters the last rank's input only, and the path measured is that rank's: its preview
+(``docs/reference.md``, the tripwire) against the combined report at the interval's end.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import random
 import signal
@@ -161,6 +166,7 @@ def main() -> int:
     ap.add_argument("--step-time", type=float, default=0.5, help="--client: seconds per training step [0.5]")
     ap.add_argument("--positions", default="0,3,9", help="--client: the NaN's step within the interval [0,3,9]")
     ap.add_argument("--trials", type=int, default=3, help="--client: runs per position [3]")
+    ap.add_argument("--ranks", type=int, default=1, help="--client: DDP processes (gloo), NaN on the last [1]")
     args = ap.parse_args()
 
     receiver = Receiver()
@@ -267,6 +273,86 @@ class Trial:
         return self.local[1] - self.called, self.local[0] - self.breaking, hook - t0, after
 
 
+def ddp_trial(
+    base: str, receiver: Receiver, args: argparse.Namespace, breaking: int, limit: int
+) -> tuple[str, tuple[float, int, float, int] | None]:
+    """One trial as a DDP job: the ranks stop together once the webhook has come (the parent tells them)."""
+    import torch.multiprocessing as mp
+
+    key = f"bad-{breaking}-{uuid.uuid4().hex[:6]}"
+    ctx = mp.get_context("spawn")
+    arrived, out = ctx.Event(), ctx.SimpleQueue()
+    spawn_args = (args.ranks, free_port(), base, key, args.every, breaking, limit, args.step_time, arrived, out)
+    job = mp.spawn(_rank_trial, args=spawn_args, nprocs=args.ranks, join=False)
+    deadline = time.monotonic() + limit * args.step_time + 120
+    while not job.join(timeout=0.02):
+        if key in receiver.arrived:
+            arrived.set()
+        if time.monotonic() > deadline:
+            for process in job.processes:
+                process.terminate()
+            return key, None
+    hook = receiver.arrived.get(key)
+    found = [out.get() for _ in range(args.ranks)]
+    starts, called, local = next((s, c, lo) for rank, s, c, lo in found if rank == args.ranks - 1)
+    if hook is None or local is None:
+        return key, None
+    after = sum(1 for t in starts[breaking + 1 :] if t < hook)
+    return key, (local[1] - called, local[0] - breaking, hook - starts[breaking], after)
+
+
+def _rank_trial(
+    rank: int, world: int, port: int, base: str, key: str, every: int, breaking: int, limit: int,
+    step_time: float, arrived, out,
+) -> None:  # fmt: skip
+    """A rank of a DDP trial. perf_counter is CLOCK_MONOTONIC on Linux: one clock for every process here."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    logging.getLogger("layerwatch").setLevel(logging.ERROR)  # the ranks' NaN warnings would drown the table
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(breaking)
+        model = DistributedDataParallel(
+            nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+        )
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        step, local, called, starts = -1, None, 0.0, []
+
+        def on_alert(alert: layerwatch.Alert) -> None:
+            nonlocal local
+            if alert.rule == "non_finite" and alert.local and local is None:
+                local = (step, time.perf_counter())
+
+        mon = layerwatch.watch(
+            model, run_name=key, run_key=key, project="bench", url=base, every=every, on_alert=on_alert
+        )
+        x, y = torch.randn(128, 64), torch.randint(0, 10, (128,))
+        for step in range(limit):
+            start = time.perf_counter()
+            starts.append(start)
+            batch = x.clone()
+            if step == breaking and rank == world - 1:
+                batch[0, 0] = float("nan")  # this rank's data only
+            loss = nn.functional.cross_entropy(model(batch), y)
+            loss.backward()
+            if step == breaking:
+                called = time.perf_counter()
+            mon.step(loss=loss, lr=0.01)
+            opt.step()
+            opt.zero_grad()
+            done = torch.tensor([float(arrived.is_set())])
+            dist.all_reduce(done, op=dist.ReduceOp.MAX)  # the loop's own sync: every rank stops at the same step
+            if done.item():
+                break
+            time.sleep(max(step_time - (time.perf_counter() - start), 0.0))
+        mon.close()
+        out.put((rank, starts, called, local))
+    finally:
+        dist.destroy_process_group()
+
+
 def client_path(base: str, receiver: Receiver, args: argparse.Namespace) -> int:
     """The whole path: a training step that breaks -> the client's own on_alert, and -> the webhook."""
     positions = [int(p) for p in args.positions.split(",")]
@@ -276,15 +362,21 @@ def client_path(base: str, receiver: Receiver, args: argparse.Namespace) -> int:
           f"{'webhook without early report':>30}")  # fmt: skip
     rows: dict[int, list[tuple[float, int, float, int]]] = {}
     missing = 0
+    if args.ranks > 1:
+        print(f"DDP: {args.ranks} gloo processes, reports combined across ranks; the NaN on rank {args.ranks - 1} only")
     for position in positions:
         for _ in range(args.trials):
-            trial = Trial(base, receiver, args.every, args.every + position, args.step_time)
-            trial.run(limit=3 * args.every + position)
-            deadline = time.monotonic() + 15
-            while trial.key not in receiver.arrived and time.monotonic() < deadline:
-                time.sleep(0.02)
-            result = trial.result()
-            if result is None or receiver.rule.get(trial.key) != "non_finite":
+            breaking, limit = args.every + position, 3 * args.every + position
+            if args.ranks > 1:
+                key, result = ddp_trial(base, receiver, args, breaking, limit)
+            else:
+                trial = Trial(base, receiver, args.every, breaking, args.step_time)
+                trial.run(limit)
+                deadline = time.monotonic() + 15
+                while trial.key not in receiver.arrived and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                key, result = trial.key, trial.result()
+            if result is None or receiver.rule.get(key) != "non_finite":
                 missing += 1
                 continue
             rows.setdefault(position, []).append(result)

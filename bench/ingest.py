@@ -326,13 +326,14 @@ def raw_copy_rate(url: str, seconds: float, layers: int, steps: int) -> float:
     import psycopg
 
     conn = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"))
-    columns = ["run_id", "layer_id", "rank", "step", *wire.LAYER_STATS]
+    columns = ["run_id", "layer_id", "rank", "step", "day", *wire.LAYER_STATS]  # day: the partition, as ingest's
     sql = f"COPY layer_stats ({', '.join(columns)}) FROM STDIN"
     rnd = random.Random(0)
     values = [rnd.random() for _ in wire.LAYER_STATS]
+    day = int(time.time() // 86400)
     rows, step, spent = 0, 0, 0.0
     while spent < seconds:
-        batch = [("rawbench", layer, 0, step + s, *values) for s in range(steps) for layer in range(layers)]
+        batch = [("rawbench", layer, 0, step + s, day, *values) for s in range(steps) for layer in range(layers)]
         step += steps
         t0 = time.perf_counter()
         with conn.cursor() as cur, cur.copy(sql) as copy:
@@ -353,7 +354,8 @@ def stored_bytes_per_row(url: str) -> tuple[float, int]:
     with engine.connect() as conn:
         n = conn.scalar(text("SELECT count(*) FROM layer_stats"))
         if engine.dialect.name == "postgresql":
-            size = conn.scalar(text("SELECT pg_total_relation_size('layer_stats')"))
+            # its partitions (the partitioned table itself holds no rows)
+            size = conn.scalar(text("SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree('layer_stats')"))
         else:  # dbstat: the pages of the table and its indexes (the WAL is checkpointed at shutdown)
             size = conn.scalar(text("SELECT sum(pgsize) FROM dbstat WHERE name LIKE '%layer_stats%'"))
     engine.dispose()

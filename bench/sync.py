@@ -7,16 +7,19 @@ The run is made by the real client in offline mode (a 50-block Linear+ReLU MLP: 
 parameters, ``every=10``). Each measurement copies its spool, starts a fresh ``layerwatch-server serve`` on a new
 SQLite database (the embedded default: the MLflow mirror on, or ``LAYERWATCH_MLFLOW_TRACKING_URI=off``), sends it
 one small batch of another run (a collector that has been up a while), and times the ``layerwatch sync`` process
-from start to exit (interpreter start-up included), with one batch in flight and with ``--in-flight N``, the
-settings in turn within each round. The stored layer rows are counted in the database afterwards: a figure
-counts only when every row arrived. Beside the times: the CPU seconds of the sync process, of the collector
-process, and of the collector's child processes (the MLflow mirror, where it runs in a process of its own). On a
-shared machine the wall times drift with the neighbours' load; the CPU seconds do not.
+from start to exit (interpreter start-up included), with one batch in flight and with ``--in-flight N`` (the
+default, 4), the settings in turn within each round. The stored layer rows are counted in the database afterwards,
+and the alert rules' memory of the run is read back: a figure counts only when every row arrived and the rules
+judged every step in training order (their loss history is the run's last 100 losses, in order). Beside the times:
+the CPU seconds of the sync process, of the collector process, and of the collector's child processes (the MLflow
+mirror, where it runs in a process of its own). On a shared machine the wall times drift with the neighbours' load;
+the CPU seconds do not.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import shutil
@@ -64,6 +67,20 @@ def offline_run(spool: Path, blocks: int, steps: int, every: int) -> int:
 def stored_layer_rows(db: Path) -> int:
     with sqlite3.connect(db) as conn:
         return conn.execute("SELECT count(*) FROM layer_stats").fetchone()[0]
+
+
+def judged_in_order(db: Path, steps: int) -> bool:
+    """Whether the rules judged the run's every step, in training order: their memory's last step is the run's last,
+    and their loss history (the last 100 losses, 6 significant digits) is the stored losses' tail, in step order."""
+    with sqlite3.connect(db) as conn:
+        run_id, data = conn.execute(
+            "SELECT r.id, s.data FROM runs r JOIN rule_state s ON s.run_id = r.id WHERE r.key != 'warm-up'"
+        ).fetchone()
+        ordered = conn.execute("SELECT loss FROM step_stats WHERE run_id = ? ORDER BY step", (run_id,))
+        losses = [loss for (loss,) in ordered]
+    memory = json.loads(data)
+    history = [float(f"{loss:.6g}") for loss in losses[-100:]]
+    return memory.get("last_step") == steps - 1 and memory.get("loss_spike", history) == history
 
 
 @dataclass
@@ -116,7 +133,7 @@ def warm_up(url: str) -> None:
         raise RuntimeError(f"warm-up batch refused: {answer.error}")
 
 
-def measure(spool: Path, tmp: Path, mirror: bool, in_flight: int, expected: int) -> Sync:
+def measure(spool: Path, tmp: Path, mirror: bool, in_flight: int, expected: int, steps: int) -> Sync:
     """One `layerwatch sync` of a copy of ``spool`` into a fresh collector."""
     work = Path(tempfile.mkdtemp(dir=tmp))
     shutil.copytree(spool, work / "spool")
@@ -145,6 +162,8 @@ def measure(spool: Path, tmp: Path, mirror: bool, in_flight: int, expected: int)
     stored = stored_layer_rows(db)
     if stored != expected:
         raise RuntimeError(f"{stored} layer rows stored, {expected} expected")
+    if not judged_in_order(db, steps):
+        raise RuntimeError(f"the alert rules did not judge every step in order ({in_flight} in flight)")
     shutil.rmtree(work, ignore_errors=True)
     client_cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
     return Sync(seconds, client_cpu, collector_cpu, mirror_cpu)
@@ -170,16 +189,16 @@ def main() -> None:
         results: dict[tuple[bool, int], list[Sync]] = {s: [] for s in settings}
         for _ in range(args.repeats):  # settings side by side in each round: the machine's load drifts alike
             for mirror, n in settings:
-                results[mirror, n].append(measure(tmp / "run", tmp, mirror, n, rows))
+                results[mirror, n].append(measure(tmp / "run", tmp, mirror, n, rows, args.steps))
     print(
         f"{'MLflow mirror':<14}{'in flight':>10}{'median s':>10}{'layer-rows/s':>14}{'best s':>8}{'layer-rows/s':>14}"
         f"{'sync CPU s':>12}{'collector CPU s':>17}{'its children':>14}"
     )
+    medians: dict[tuple[bool, int], float] = {}
     for mirror in mirrors:
-        medians = {}
         for n in (1, args.in_flight):
             runs = results[mirror, n]
-            medians[n] = median = statistics.median(r.seconds for r in runs)
+            medians[mirror, n] = median = statistics.median(r.seconds for r in runs)
             best = min(r.seconds for r in runs)
             print(
                 f"{'on' if mirror else 'off':<14}{n:>10}{median:>10.2f}{rows / median:>14,.0f}{best:>8.2f}"
@@ -187,7 +206,10 @@ def main() -> None:
                 f"{statistics.median(r.collector_cpu for r in runs):>17.2f}"
                 f"{statistics.median(r.mirror_cpu for r in runs):>14.2f}"
             )
-        print(f"{'':<14}{'speed-up':>10}{medians[1] / medians[args.in_flight]:>9.2f}x (medians)")
+        print(f"{'':<14}{'speed-up':>10}{medians[mirror, 1] / medians[mirror, args.in_flight]:>9.2f}x (medians)")
+    if len(mirrors) == 2:  # what the mirror costs the sync, from the same rounds
+        for n in (1, args.in_flight):
+            print(f"mirror on / off, {n} in flight: {medians[False, n] / medians[True, n]:.2f}x the rate (medians)")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ def watch(
     config: dict[str, Any] | None = None,
     rules: dict[str, Any] | None = None,
     on_alert: Callable[[Alert], Any] | None = None,
+    scaler: Any = None,
     **settings: Any,
 ) -> Monitor:
     """Start monitoring ``model``. Every setting falls back to its ``LAYERWATCH_*`` variable, then a default.
@@ -55,7 +56,9 @@ def watch(
     ``types`` replaces the watched module types: a list of classes, or ``{class: kind}`` (kinds as in
     :func:`register_type`). ``config`` holds hyper-parameters shown with the run; ``rules`` holds per-run
     alert-rule overrides (e.g. ``{"dead_units": {"threshold": 0.3}}``); ``on_alert`` is called on the training
-    thread, inside ``step()``, for each new or changed alert the collector returns.
+    thread, inside ``step()``, for each new or changed alert the collector returns. ``scaler``: the run's
+    ``torch.amp.GradScaler`` (fp16 mixed precision): its overflow steps are reported as skipped (``overflow``,
+    ``loss_scale`` per step), not as NaN/Inf, unless the scale collapses below 1.
     """
     from layerwatch.config import Config
     from layerwatch.monitor import Monitor
@@ -81,7 +84,7 @@ def watch(
     run_config = dict(config or {})
     if rules:
         run_config["rules"] = rules
-    return Monitor(model, resolved, on_alert=on_alert, run_config=run_config, types=types)
+    return Monitor(model, resolved, on_alert=on_alert, run_config=run_config, types=types, scaler=scaler)
 
 
 def register_type(

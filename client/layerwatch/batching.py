@@ -55,7 +55,7 @@ class BatchBuilder:
             values = report.flat[: report.flat.numel() - words].tolist()
             if words and self.reducer is not None:
                 reduce_windows(self.reducer, report, values, report.flat[report.flat.numel() - words :])
-        times = self._step_times(report)
+        times = self._step_times(report) if not report.preview else []  # its steps come again, in the report
         steps = translate(report, values, self._weight_norms)
         if self.on_uncounted_nonfinite is not None and uncounted_nonfinite(steps):
             self.on_uncounted_nonfinite()
@@ -76,7 +76,7 @@ class BatchBuilder:
         origin = None
         if not self._origin_sent:
             origin = first_nonfinite(steps, names, self.param_names, self.header["rank"])
-            self._origin_sent = origin is not None
+            self._origin_sent = origin is not None and not report.preview  # the report names it too
             if origin is not None and combined is not None:
                 origin["rank"] = combined.origin_rank(origin, names, report.steps[0].step)
         parts = split_rows(steps, wire.MAX_ROWS)
@@ -127,6 +127,8 @@ class BatchBuilder:
             batch["histograms"] = histograms  # optional: old collectors ignore it (see layerwatch.wire)
         if ranks is not None:
             batch["ranks"] = ranks  # optional, like histograms: the ranks' spread over a combined report
+        if report.preview:
+            batch["preview"] = True  # optional: rows to judge now, stored from the regular report
         return Packed.of(batch)
 
 

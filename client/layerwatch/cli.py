@@ -14,7 +14,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from queue import SimpleQueue
 from typing import Any
@@ -26,7 +27,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from layerwatch import delivery, spool, terminal_map, transport
+from layerwatch import delivery, spool, terminal_map, transport, wire
 
 console = Console(stderr=True)
 out = Console()
@@ -56,11 +57,11 @@ def main() -> None:
 @click.option("--retries", default=8, show_default=True, help="Attempts per batch on retryable errors.")
 @click.option(
     "--in-flight",
-    default=1,
+    default=4,
     show_default=True,
     type=click.IntRange(1, 32),
-    help="Batches on their way at once. Above 1 a rank's batches may be stored out of order, and the collector's "
-    "alert rules pass over a late batch's steps.",
+    help="Batches on their way at once. Each names the one of its rank before it (a Layerwatch-Follows header), so "
+    "the collector judges a rank's steps in the order they were trained, whatever order they arrive in.",
 )
 @click.option("--rejected", "resend_rejected", is_flag=True, help="Also resend the batches set aside in rejected/.")
 def sync(
@@ -69,7 +70,8 @@ def sync(
     """Upload the spooled batches under DIRECTORY (an offline run, or what a run left behind).
 
     Uploading twice is harmless: the collector ignores steps it already has. Batches go --in-flight at a
-    time over kept-alive connections; a spool's last batch (a run's end) goes after all the others, and what is
+    time over kept-alive connections, each naming the batch before it for the collector's rules to judge first; a
+    spool's last batch (a run's end) goes after all the others, and what is
     marked delivered on disk never passes a batch still on its way, so a stopped sync resends, never skips. Batches the
     collector refuses as malformed are set aside in rejected/ (listed here; --rejected resends them) and the
     rest go on. Exits 1 when anything was not delivered.
@@ -120,11 +122,13 @@ class _Upload:
             records = itertools.islice(records, again)
         acks = _InOrder(queue)
         senders = _Senders(self.in_flight, self._deliver)
-        flying, halted = 0, False
+        flying: set[int] = set()  # turns on their way
+        halted = False
+        previous: tuple[tuple[str, str, int, int, int] | None, int] = (None, -1)  # the last sent: its sender, turn
         ahead = next(records, None)
         try:
             while True:
-                while ahead is not None and not halted and flying < self.in_flight:
+                while ahead is not None and not halted and len(flying) < self.in_flight:
                     following = next(records, None)
                     if following is None and flying:
                         break  # the last batch (a run's end) goes when all before it are delivered
@@ -133,12 +137,14 @@ class _Upload:
                     if payload is None:  # an unreadable span, already set aside
                         acks.done(turn)
                     else:
-                        senders.send(turn, payload)
-                        flying += 1
+                        sender = wire.sender_of(payload)
+                        senders.send(turn, payload, _follows(sender, *previous, flying))
+                        flying.add(turn)
+                        previous = (sender, turn)
                 if not flying:
                     return not self.stopped
                 turn, payload, outcome, result = senders.results.get()
-                flying -= 1
+                flying.discard(turn)
                 if self._settle(queue, payload, outcome, result, again, quiet=halted):
                     acks.done(turn)
                 else:
@@ -188,8 +194,9 @@ class _Upload:
         self.status.update(f"Uploading batches to {self.url} ... {self.sent} sent")
         return True
 
-    def _deliver(self, payload: bytes) -> tuple[delivery.Outcome, transport.Delivery]:
-        return delivery.deliver(self.sender, payload, self._wait, attempts=self.retries + 1, max_backoff=30.0)
+    def _deliver(self, payload: bytes, follows: int | None) -> tuple[delivery.Outcome, transport.Delivery]:
+        sender = self.sender if follows is None else _Following(self.sender, {wire.FOLLOWS_HEADER: str(follows)})
+        return delivery.deliver(sender, payload, self._wait, attempts=self.retries + 1, max_backoff=30.0)
 
     def _wait(self, seconds: float, result: transport.Delivery) -> bool:
         self.status.update(f"Uploading to {self.url} ... {self.sent} sent ({result.error}; retry in {seconds:.0f} s)")
@@ -197,20 +204,47 @@ class _Upload:
         return True
 
 
+def _follows(
+    sender: tuple[str, str, int, int, int] | None,
+    before: tuple[str, str, int, int, int] | None,
+    before_turn: int,
+    flying: set[int],
+) -> int | None:
+    """The seq a batch follows (``wire.FOLLOWS_HEADER``): that of the batch sent before it, when that one is of the
+    same run, rank and process, earlier, and still on its way (one delivered needs no waiting for)."""
+    if sender is None or before is None or before_turn not in flying:
+        return None
+    return before[4] if before[:4] == sender[:4] and before[4] < sender[4] else None
+
+
+@dataclass(frozen=True)
+class _Following:
+    """A transport that sends its batches with ``headers`` added."""
+
+    inner: transport.Transport
+    headers: Mapping[str, str]
+
+    def post_batch(self, payload: bytes, headers: Mapping[str, str] | None = None) -> transport.Delivery:
+        return self.inner.post_batch(payload, {**self.headers, **(headers or {})})
+
+
+Deliver = Callable[[bytes, int | None], tuple[delivery.Outcome, transport.Delivery]]
+
+
 class _Senders:
     """Daemon threads that deliver batches, each over its own kept-alive connection, and queue the outcomes. A
     sync stopped by Ctrl-C exits at once: what was in flight is not acknowledged, so it goes again next time."""
 
-    def __init__(self, n: int, deliver: Callable[[bytes], tuple[delivery.Outcome, transport.Delivery]]) -> None:
+    def __init__(self, n: int, deliver: Deliver) -> None:
         self.deliver = deliver
-        self.jobs: SimpleQueue[tuple[int, bytes] | None] = SimpleQueue()
+        self.jobs: SimpleQueue[tuple[int, bytes, int | None] | None] = SimpleQueue()
         self.results: SimpleQueue[tuple[int, bytes, delivery.Outcome, transport.Delivery]] = SimpleQueue()
         self.threads = [threading.Thread(target=self._work, name="layerwatch-sync", daemon=True) for _ in range(n)]
         for thread in self.threads:
             thread.start()
 
-    def send(self, turn: int, payload: bytes) -> None:
-        self.jobs.put((turn, payload))
+    def send(self, turn: int, payload: bytes, follows: int | None = None) -> None:
+        self.jobs.put((turn, payload, follows))
 
     def close(self) -> None:
         for _ in self.threads:
@@ -218,9 +252,9 @@ class _Senders:
 
     def _work(self) -> None:
         while (job := self.jobs.get()) is not None:
-            turn, payload = job
+            turn, payload, follows = job
             try:
-                outcome, result = self.deliver(payload)
+                outcome, result = self.deliver(payload, follows)
             except Exception as exc:  # a transport never raises; if one did, the batch waits for the next sync
                 outcome, result = delivery.Outcome.RETRY, transport.Delivery(ok=False, error=repr(exc))
             self.results.put((turn, payload, outcome, result))

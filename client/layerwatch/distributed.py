@@ -185,16 +185,17 @@ class ParamStats:
             self._pending.append((dist.all_gather_into_tensor(gathered, partial, async_op=True), gathered))
         return partial
 
-    def combine(self, steps: list, tensors: list[torch.Tensor]) -> None:
+    def combine(self, steps: list, tensors: list[torch.Tensor], keep: bool = False) -> None:
         """Replace each step's partial record in ``tensors`` (one per step with parameters, followed by its
         tensor scalars) by the whole parameters' record: per column the sum over ranks (squares, counts)
-        or the extreme, square roots for the norms."""
+        or the extreme, square roots for the norms. ``keep``: the gathers stay for the report that follows
+        (a preview of the interval so far; waiting on a gather every rank started is no new collective)."""
         if not self.sharded:
             return
-        index = 0
+        index, pending = 0, iter(list(self._pending))
         for meta in steps:
             if meta.params:
-                work, gathered = self._pending.popleft()
+                work, gathered = next(pending) if keep else self._pending.popleft()
                 if work is not None:
                     work.wait()
                 k, width = len(meta.params), stats.PARAM_WIDTH

@@ -13,6 +13,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -50,8 +51,10 @@ class Monitor:
         on_alert: Callable[[Alert], Any] | None = None,
         run_config: dict[str, Any] | None = None,
         types: Sequence[type[nn.Module]] | Mapping[type[nn.Module], str] | None = None,
+        scaler: Any = None,
     ) -> None:
         self.config = config
+        self.scaler = scaler  # a torch.amp.GradScaler: its overflows are skipped steps, its scale a statistic
         self.on_alert = on_alert
         self._closed = config.mode == "disabled"
         self._alerts: dict[str, Alert] = {}
@@ -184,12 +187,16 @@ class Monitor:
                 meta.tensor_scalars.append(name)
             else:
                 meta.host_scalars[name] = value
+        scale = self._loss_scale()
+        if scale is not None:
+            tensors.append(scale)
+            meta.tensor_scalars.append("loss_scale")
         own = self._rank_grad.take() if self._rank_grad is not None else None
         if own is not None:
             tensors.append(own.reshape(1))
             meta.rank_grad = True
         self.recorder.end_step()
-        self._tripwire.arm(number, self.recorder.step_sums(meta.calls), norms, values.get("loss"))
+        self._tripwire.arm(number, self.recorder.step_sums(meta.calls), norms, values.get("loss"), scale)
         self._recorded += 1
         if self._histograms is not None:
             self._take_histograms(number)
@@ -199,11 +206,23 @@ class Monitor:
         if self._window_pos >= self.config.window_steps:
             self._close_window()
         # A NaN or a loss jump seen by now (this step on CPU; on CUDA a step whose check has landed) sends the
-        # steps so far at once instead of at the interval's end; the next interval starts after them. Not when
-        # ranks combine their reports: those come at the same steps on every rank (the alert is raised all the same).
-        early = self._raise_local(self._tripwire.poll()) and self._combining is None
-        if early or len(self._steps) >= self.config.every:
+        # steps so far at once instead of at the interval's end; the next interval starts after them. When ranks
+        # combine their reports, those must come at the same steps on every rank: this rank sends a preview of its
+        # own instead (no collective), and the interval goes on to its regular, combined report.
+        tripped = self._raise_local(self._tripwire.poll())
+        if len(self._steps) >= self.config.every or (tripped and self._combining is None):
             self._report()
+        elif tripped:
+            self._preview()
+
+    def _loss_scale(self) -> torch.Tensor | None:
+        """The GradScaler's current scale, copied on the device (the scaler updates its own in place), or None
+        without an enabled scaler that has scaled a loss yet."""
+        scaler = self.scaler
+        current = getattr(scaler, "_scale", None)  # torch.amp.GradScaler's scale tensor, made at its first scale()
+        if not isinstance(current, torch.Tensor) or not getattr(scaler, "_enabled", True):
+            return None
+        return current.detach().reshape(1).float().clone()
 
     def _close_window(self) -> None:
         self._window_pos = 0
@@ -246,6 +265,34 @@ class Monitor:
         self._activity = []
         self._steps, self._step_tensors, self._dead, self._snapshots = [], [], [], []
 
+    def _preview(self) -> None:
+        """This rank's steps of the interval so far, copied (its buffers and steps stay for the regular report), for
+        the collector to raise the alert from now: per-rank rows marked ``preview``, which it judges but does not
+        store (the combined report stores those steps). Sharded gradient norms wait for the per-step gathers every
+        rank started already; nothing here starts a collective."""
+        raw = self.recorder.take_raw(keep=True)
+        steps = [replace(meta) for meta in self._steps]  # the combined report rewrites its steps' calls
+        tensors = list(self._step_tensors)
+        self._param_stats.combine(steps, tensors, keep=True)
+        parts = ([raw] if raw is not None else []) + [d for _, _, d in self._dead] + tensors
+        flat, ready = None, None
+        if parts:
+            flat = torch.cat([p.to(parts[0].device, non_blocking=True) for p in parts])  # a copy: the buffers go on
+            flat, ready = _to_host(flat)
+        layers = self.recorder.layers
+        self._exporter.submit(
+            Report(
+                steps=steps,
+                layers=[layer.describe() for layer in layers],
+                bounded=[layer.spec.sat is not None for layer in layers],
+                dead_windows=[(pos, called) for pos, called, _ in self._dead],
+                param_numel=self._param_numel,
+                flat=flat,
+                ready=ready,
+                preview=True,
+            )
+        )
+
     def _take_histograms(self, number: int) -> None:
         """After a histogram step: its counts (activations, then this rank's gradients), summed over the ranks;
         and whether the coming step is one. Steps are counted alike on every rank, so the sums pair up."""
@@ -283,7 +330,7 @@ class Monitor:
                 message=trip.message(self.config.loss_jump),
                 source="local",
             )
-            then = "in the next report, combined across ranks" if self._combining else "now"
+            then = "as this rank's preview (the combined report follows)" if self._combining else "now"
             log.warning("layerwatch: %s; reporting the steps so far %s", alert.message, then)
             with self._alerts_lock:
                 self._alerts[alert.id] = alert

@@ -17,11 +17,11 @@ The collectives run on the exporter thread, over a gloo group of its own, on hos
 never waits for it, the device streams never hold it, and it cannot interleave with the training's own
 collectives. The contract that keeps it from deadlocking (see docs/reference.md, "Distributed training"):
 regular reports come at the same recorded steps on every rank (steps are collective under DDP/FSDP); the
-tripwire does not send early; ``close()`` sends its last partial interval per rank, without a collective
-(its dead-unit windows are the rank's own). A window's activity is OR-ed with one collective per window, in
-window order, which a per-rank report sent early (the tripwire, ``per_rank=True``) does not reorder. A
-report whose peers never come (a rank that stopped early) fails when the peer's process leaves, or after
-``RANK_TIMEOUT``; then, as when the ranks' reports do not match (different layers, different steps), every
+tripwire sends a preview of one rank's rows, without a collective; ``close()`` sends its last partial interval
+per rank, without a collective (its dead-unit windows are the rank's own). A window's activity is OR-ed with one
+collective per window, in window order, which a per-rank report sent early (the tripwire, ``per_rank=True``) does
+not reorder. A report whose peers never come (a rank that stopped early) fails when the peer's process leaves, or
+after ``RANK_TIMEOUT``; then, as when the ranks' reports do not match (different layers, different steps), every
 rank sends its own rows from then on.
 """
 

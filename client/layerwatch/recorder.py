@@ -367,9 +367,12 @@ class Recorder:
             )
         log.warning("layerwatch: %d steps and none of %d watched modules ran: %s", SILENT_STEPS, self.watched, reason)
 
-    def take_raw(self) -> torch.Tensor | None:
-        """The report's raw sums, (layers, slots, RAW_WIDTH) flattened, and a fresh slot cursor."""
-        slots, self.slot = self.slot, 0
+    def take_raw(self, keep: bool = False) -> torch.Tensor | None:
+        """The report's raw sums, (layers, slots, RAW_WIDTH) flattened, and a fresh slot cursor (``keep``: the
+        cursor stays, for a look at the interval so far)."""
+        slots = self.slot
+        if not keep:
+            self.slot = 0
         if self._raw is None or not self.layers or slots == 0:
             return None
         return self._raw[: len(self.layers), :slots].reshape(-1)

@@ -15,6 +15,7 @@ import torch
 from layerwatch import stats, wire
 from layerwatch.histograms import Snapshot
 from layerwatch.recorder import StepCalls
+from layerwatch.tripwire import MIN_LOSS_SCALE
 
 
 @dataclass
@@ -48,8 +49,11 @@ class Report:
     end: str | None = None  # final status when this is the run's last report
     histograms: list[Snapshot] = field(default_factory=list)  # histogram steps of the interval (rank 0 only)
     combine: bool = False  # a regular report of a job whose ranks combine their reports (see layerwatch.ranks)
+    # This rank's interval so far, sent as a tripwire trips in a job whose ranks combine their reports: the
+    # collector judges its rows but does not store them (the regular report carries the same steps, combined).
+    preview: bool = False
     # Words of each dead-unit window's packed unit activity, to be OR-ed across ranks (layerwatch.ranks); empty:
-    # the windows' dead_frac is this rank's own (no torch.distributed, or the run's last report).
+    # the windows' dead_frac is this rank's own (no torch.distributed, the run's last report, a preview).
     activity: list[int] = field(default_factory=list)
 
 
@@ -112,6 +116,8 @@ def translate(report: Report, values: list[float], weight_norms: dict[int, float
             ratio = lr * grad_norm / latest if lr is not None and latest else None
             param_rows.append([index, grad_norm, grad_max, weight_norm, ratio, nonfinite])
         grad_total = math.sqrt(sum(row[1] * row[1] for row in param_rows)) if param_rows else None
+        if "loss_scale" in scalars:  # a GradScaler's step: whether it overflowed (and the scaler skipped it)
+            scalars["overflow"] = float(_overflowed(loss, layer_rows, param_rows))
         out.append(
             {
                 "step": meta.step,
@@ -142,11 +148,26 @@ def uncounted_nonfinite(steps: list[dict[str, Any]]) -> bool:
     return any(row[_NONFINITE] is None and _shows_nonfinite(row) for step in steps for row in step["layers"])
 
 
+def _overflowed(loss: float | None, layers: list[list], params: list[list]) -> bool:
+    """A GradScaler's overflow: non-finite gradients, while the loss and the activations are finite."""
+    if (loss is not None and not math.isfinite(loss)) or any(_shows_nonfinite(row) for row in layers):
+        return False
+    return any(not math.isfinite(row[1]) for row in params)
+
+
+def skipped_by_scaler(step: dict[str, Any]) -> bool:
+    """A GradScaler's overflow at a healthy loss scale: the scaler skipped the step; no NaN/Inf incident."""
+    scalars = step["scalars"]
+    return scalars.get("overflow") == 1.0 and scalars.get("loss_scale", 0.0) >= MIN_LOSS_SCALE
+
+
 def first_nonfinite(steps: list[dict[str, Any]], layer_names: list[str], param_names: list[str], rank: int):
     """Where the first NaN/Inf of these steps appeared: forward activations in execution order, then the
     loss, then gradients in backward order (parameters of the last layers first)."""
     grad_nonfinite = wire.PARAM_STATS.index("grad_nonfinite") + 1
     for step in steps:
+        if skipped_by_scaler(step):
+            continue
         for row in step["layers"]:  # rows are in forward execution order
             if _shows_nonfinite(row):
                 return {"step": step["step"], "pass": "forward", "layer": layer_names[row[0]], "rank": rank}

@@ -14,6 +14,7 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
@@ -36,9 +37,10 @@ class Delivery:
 
 
 class Transport(Protocol):
-    """Where batches go: one call per attempt, never raising (a failure is a :class:`Delivery`)."""
+    """Where batches go: one call per attempt, never raising (a failure is a :class:`Delivery`). ``headers``:
+    more request headers, which only ``layerwatch sync`` sends (``wire.FOLLOWS_HEADER``)."""
 
-    def post_batch(self, payload: bytes) -> Delivery: ...
+    def post_batch(self, payload: bytes, headers: Mapping[str, str] | None = None) -> Delivery: ...
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,8 @@ class HttpTransport:
     token: str | None = None
     timeout: float = 10.0
 
-    def post_batch(self, payload: bytes) -> Delivery:
-        return post_batch(self.url, payload, self.token, self.timeout)
+    def post_batch(self, payload: bytes, headers: Mapping[str, str] | None = None) -> Delivery:
+        return post_batch(self.url, payload, self.token, self.timeout, headers)
 
 
 class KeptAliveTransport:
@@ -71,28 +73,29 @@ class KeptAliveTransport:
         self._path = parts.path.rstrip("/") + INGEST_PATH
         self._local = threading.local()
 
-    def post_batch(self, payload: bytes) -> Delivery:
+    def post_batch(self, payload: bytes, headers: Mapping[str, str] | None = None) -> Delivery:
+        """``headers``: more request headers (``wire.FOLLOWS_HEADER``)."""
         if not self._plain:
-            return post_batch(self.url, payload, self.token, self.timeout)
+            return post_batch(self.url, payload, self.token, self.timeout, headers)
         reused = getattr(self._local, "conn", None) is not None
         try:
             try:
-                return self._exchange(payload)
+                return self._exchange(payload, headers)
             except _CLOSED_BY_PEER:
                 if not reused:
                     raise
                 self._close()  # the collector closed an idle connection: once more on a new one (ingest is idempotent)
-                return self._exchange(payload)
+                return self._exchange(payload, headers)
         except (OSError, http.client.HTTPException) as exc:
             self._close()
             return Delivery(ok=False, error=f"cannot reach {self.url}: {exc}")
 
-    def _exchange(self, payload: bytes) -> Delivery:
+    def _exchange(self, payload: bytes, headers: Mapping[str, str] | None) -> Delivery:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
             conn = self._local.conn = kind(*self._address, timeout=self.timeout)
-        conn.request("POST", self._path, body=payload, headers=_headers(self.token))
+        conn.request("POST", self._path, body=payload, headers=_headers(self.token, headers))
         response = conn.getresponse()
         body = response.read()
         if response.will_close:
@@ -114,8 +117,9 @@ def _proxied(url: str, host: str) -> bool:
     return scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(host)
 
 
-def _headers(token: str | None) -> dict[str, str]:
+def _headers(token: str | None, more: Mapping[str, str] | None = None) -> dict[str, str]:
     return {
+        **(more or {}),
         "Content-Type": wire.CONTENT_TYPE,
         "Content-Encoding": wire.CONTENT_ENCODING,
         "Accept": "application/json",
@@ -139,9 +143,11 @@ def _answer(status: int, reason: str, retry_after: str | None, raw: bytes) -> De
     )
 
 
-def post_batch(url: str, payload: bytes, token: str | None, timeout: float) -> Delivery:
+def post_batch(
+    url: str, payload: bytes, token: str | None, timeout: float, headers: Mapping[str, str] | None = None
+) -> Delivery:
     request = urllib.request.Request(
-        url.rstrip("/") + INGEST_PATH, data=payload, method="POST", headers=_headers(token)
+        url.rstrip("/") + INGEST_PATH, data=payload, method="POST", headers=_headers(token, headers)
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:

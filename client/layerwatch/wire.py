@@ -30,6 +30,7 @@ Version 1 layout::
       "ranks": {"loss_mean": [float | None, ...],                    # optional; see layerwatch.ranks
                 "step_time_mean": [float | None, ...],
                 "grad_norm_mean": [float | None, ...]},
+      "preview": bool,                                               # optional, default false; see below
     }
 
 Version rule: ``v`` changes only when a reader of the old version would misread a batch. A new *optional*
@@ -42,10 +43,17 @@ measured at ``step`` (summed over ranks; only rank 0 sends it); NaNs are counted
 rank's mean loss, mean seconds between steps and mean own gradient norm (before DDP averages it) over the batch's
 report, indexed by rank; those steps' ``scalars`` then carry ``loss_min``, ``loss_max``, ``loss_argmax_rank``,
 ``step_time_max``, ``step_time_argmax_rank``, and under DDP ``grad_norm_rank_max``, ``grad_norm_argmax_rank``.
+``preview``: one rank's own steps of an interval so far, sent as its tripwire trips in a job whose ranks combine
+their reports: the collector judges them (alerts, ``nonfinite_origin``) and stores none; the combined batch does.
 
 A value is a float (NaN and Inf included: they are the signal) or None where a statistic does not apply
 (``sat_frac`` of an unbounded layer) or is not due at that step (``dead_frac`` outside a window's end).
 Steps are idempotent on (run key, rank, step): a re-sent step is a no-op at the collector.
+
+A sender with several batches in flight sends each with the header ``Layerwatch-Follows: <seq>`` naming the
+batch of the same run, rank and ``pid`` before it that may still be on its way (:data:`FOLLOWS_HEADER`): the
+collector then judges the two in that order, whichever arrives first (it waits a moment at most). Batches
+sent one at a time, in order, need no header.
 """
 
 from __future__ import annotations
@@ -95,6 +103,13 @@ MAX_ROWS = 50_000  # layer and parameter rows in one batch (the collector's core
 MAX_DECODED_BYTES = 64 * 1024 * 1024
 
 
+FOLLOWS_HEADER = "Layerwatch-Follows"
+
+# The map's first entries, as the client writes them (run, rank, host, pid, seq), and how many to read at most.
+_HEAD_KEYS = frozenset({"run", "rank", "pid", "seq"})
+_HEAD_ENTRIES = 8
+
+
 class WireError(ValueError):
     """A body that is not a batch this version can read; the message says what is wrong."""
 
@@ -138,3 +153,47 @@ def decode(
     if version != VERSION:
         raise WireError(f"unsupported batch version {version!r}; this collector reads v={VERSION}")
     return batch
+
+
+def sender_of(body: bytes) -> tuple[str, str, int, int, int] | None:
+    """(project, run key, rank, pid, seq) of a batch as :func:`encode` makes it, read from its first entries without
+    decompressing or decoding the rest (its steps); None when they are not there, or not readable."""
+    decoder = zlib.decompressobj(wbits=31)
+    raw, size, rest = b"", 4096, body
+    while True:
+        try:
+            raw += decoder.decompress(rest, size - len(raw))
+        except zlib.error:
+            return None
+        head, rest = _head(raw), decoder.unconsumed_tail
+        if head is not None or not rest or size >= MAX_DECODED_BYTES:
+            break
+        size *= 4  # a first batch carries the run's config: up to 256 KiB
+    if not head or "seq" not in head or not isinstance(head.get("run"), dict):
+        return None
+    run = head["run"]
+    try:
+        return str(run["project"]), str(run["key"]), int(head.get("rank", 0)), int(head.get("pid", 0)), int(head["seq"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _head(raw: bytes) -> dict[str, Any] | None:
+    """The sender's entries among the first of a msgpack map; None when ``raw`` ends before they do."""
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+    unpacker.feed(raw)
+    found: dict[str, Any] = {}
+    try:
+        for _ in range(min(unpacker.read_map_header(), _HEAD_ENTRIES)):
+            key = unpacker.unpack()
+            if key in _HEAD_KEYS:
+                found[key] = unpacker.unpack()
+                if key == "seq":
+                    break
+            else:
+                unpacker.skip()
+    except msgpack.OutOfData:
+        return None
+    except Exception:  # not a batch's head at all
+        return {}
+    return found

@@ -320,3 +320,75 @@ def test_the_collectors_alert_for_a_local_incident_is_not_told_twice(collector, 
         ("c2", "dead_units", "firing", "collector"),
         ("c1", "non_finite", "resolved", "collector"),
     ]
+
+
+# -- fp16 mixed precision: a GradScaler's overflow is a skipped step, not a NaN incident ----------------------------
+def amp_loop(tmp_path: Path, steps: int, init_scale: float, poison=None, grad_poison=None):
+    """fp16 autocast with a real ``torch.amp.GradScaler`` on the CPU, ``step()`` after ``scaler.update()``; returns
+    what on_alert heard (step, alert), the spooled batches, the host reads of ``mon.step()``, the scales."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    heard: list[tuple[int, Alert]] = []
+    step = -1
+
+    def on_alert(alert: Alert) -> None:
+        heard.append((step, alert))
+
+    mon = layerwatch.watch(model, mode="offline", spool_dir=str(tmp_path), every=5, scaler=scaler, on_alert=on_alert)
+    reads, scales = HostReads(), []
+    for step in range(steps):
+        x = torch.randn(32, 8)
+        if poison is not None and step == poison:
+            x[0, 0] = math.inf
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(x).float().pow(2).mean()
+        handle = model[2].weight.register_hook(lambda g: g * math.nan) if grad_poison and step >= grad_poison else None
+        scaler.scale(loss).backward()
+        if handle is not None:
+            handle.remove()
+        scaler.step(opt)  # unscales the gradients in place; skips the update on an overflow
+        scaler.update()
+        with reads:
+            mon.step(loss=loss)
+        opt.zero_grad()
+        scales.append(scaler.get_scale())
+    mon.close()
+    return heard, read_spool(tmp_path), reads.calls, scales
+
+
+def steps_of(batches: list[dict]) -> list[dict]:
+    return [s for b in batches for s in b["steps"]]
+
+
+def test_a_grad_scalers_overflow_is_a_skipped_step_not_an_alarm(tmp_path):
+    # 2**24 is far above what fp16 gradients of this model take: the first steps overflow, the scaler halves it.
+    heard, batches, reads, scales = amp_loop(tmp_path, 12, init_scale=2.0**24)
+    steps = steps_of(batches)
+    overflow = [s["scalars"]["overflow"] for s in steps]
+    assert overflow[0] == 1.0 and overflow[-1] == 0.0  # real overflows, then a scale that fits
+    assert all(not math.isfinite(s["grad_norm_total"]) for s, o in zip(steps, overflow, strict=True) if o)
+    assert all(math.isfinite(s["loss"]) for s in steps)
+    assert [s["scalars"]["loss_scale"] for s in steps] == scales  # read after update(): the next step's scale
+    assert heard == [] and reads == []  # no alarm, and still no host read in step()
+    assert all(b["nonfinite_origin"] is None for b in batches)
+    assert [len(b["steps"]) for b in batches] == [5, 5, 2]  # no early report either
+
+
+def test_with_a_grad_scaler_a_nonfinite_forward_pass_still_alerts(tmp_path):
+    heard, batches, _, _ = amp_loop(tmp_path, 8, init_scale=2.0**10, poison=5)
+    assert [(at, a.rule, a.step) for at, a in heard] == [(5, "non_finite", 5)]
+    assert "forward pass" in heard[0][1].message
+    (origin,) = [b["nonfinite_origin"] for b in batches if b["nonfinite_origin"]]
+    assert (origin["step"], origin["pass"]) == (5, "forward")
+
+
+def test_with_a_grad_scaler_a_collapsing_scale_alerts(tmp_path):
+    # NaN gradients at every step from step 2: the scaler skips each one and halves its scale, 8 -> 4 -> 2 -> 1 -> 0.5
+    heard, batches, _, scales = amp_loop(tmp_path, 10, init_scale=8.0, grad_poison=2)
+    assert scales[2:6] == [4.0, 2.0, 1.0, 0.5]
+    assert [(at, a.rule, a.step) for at, a in heard] == [(5, "non_finite", 5)]
+    assert "loss scale down to 0.5" in heard[0][1].message
+    (origin,) = [b["nonfinite_origin"] for b in batches if b["nonfinite_origin"]]
+    assert (origin["step"], origin["pass"]) == (5, "backward")

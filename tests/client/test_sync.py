@@ -34,11 +34,13 @@ class Gated:
         self.lock = threading.Lock()
         self.delivered: list[int] = []
         self.seen_before: dict[int, set[int]] = {}
+        self.follows: dict[int, str | None] = {}  # the Layerwatch-Follows header each batch came with
 
-    def post_batch(self, payload: bytes) -> Delivery:
+    def post_batch(self, payload: bytes, headers: dict[str, str] | None = None) -> Delivery:
         seq = wire.decode(payload)["seq"]
         with self.lock:
             self.seen_before[seq] = set(self.delivered)
+            self.follows[seq] = (headers or {}).get(wire.FOLLOWS_HEADER)
         if seq in self.held:
             self.release.wait(30)
             if not self.answer.ok:
@@ -53,11 +55,14 @@ class Status:
         pass
 
 
-def spooled(directory: Path) -> spool.Spool:
+def spooled(directory: Path, pids: list[int] | None = None) -> spool.Spool:
+    """BATCHES batches of one rank, made by the processes ``pids`` (one each; by default all by one)."""
     queue = spool.Spool(directory, max_bytes=1 << 30)
     for seq in range(BATCHES):
         end = {"status": "finished"} if seq == BATCHES - 1 else None
-        batch = {"v": wire.VERSION, "run": {"key": "k"}, "rank": 0, "seq": seq, "steps": [{"step": seq}], "end": end}
+        run = {"key": "k", "project": "p"}
+        pid = pids[seq] if pids else 7
+        batch = {"v": wire.VERSION, "run": run, "rank": 0, "pid": pid, "seq": seq, "steps": [{"step": seq}], "end": end}
         queue.append(wire.encode(batch))
     return spool.Spool(directory, max_bytes=1 << 30)  # as sync opens it
 
@@ -126,6 +131,30 @@ def test_a_failing_batch_stops_its_spool_and_keeps_the_rest(tmp_path):
     assert up.failed == 1 and not up.stopped  # retryable: the next spool may still go
     assert spool.pending_records(tmp_path) == BATCHES - 3  # 0-2 delivered in order; 3 on is sent again later
     assert BATCHES - 1 not in transport.seen_before  # nothing was sent after the failure but what was in flight
+
+
+def test_each_batch_names_the_one_before_it_while_that_one_is_on_its_way(tmp_path):
+    transport = Gated(held=set(range(BATCHES)), answer=Delivery(ok=True))
+    up = upload(transport, in_flight=4)
+    done = threading.Thread(target=up.drain, args=(spooled(tmp_path),))
+    done.start()
+    assert wait_until(lambda: len(transport.follows) == 4)  # four on their way
+    assert transport.follows == {0: None, 1: "0", 2: "1", 3: "2"}  # 0 went first: nothing before it
+    transport.release.set()
+    done.join(30)
+    assert transport.follows[BATCHES - 1] is None  # the last goes when all are delivered: nothing to wait for
+
+
+def test_a_batch_of_another_process_follows_nothing(tmp_path):
+    """A rank's process that started again numbers its batches from 0 again (another ``pid``)."""
+    transport = Gated(held=set(range(BATCHES)), answer=Delivery(ok=True))
+    up = upload(transport, in_flight=4)
+    done = threading.Thread(target=up.drain, args=(spooled(tmp_path, pids=[7, 7, 8, 8, 8, 8, 8, 8]),))
+    done.start()
+    assert wait_until(lambda: len(transport.follows) == 4)
+    assert transport.follows == {0: None, 1: "0", 2: None, 3: "2"}
+    transport.release.set()
+    done.join(30)
 
 
 def test_sync_in_flight_against_a_collector(collector, tmp_path):

@@ -102,3 +102,19 @@ def test_a_bad_setting_is_logged_and_training_goes_on(tmp_path: Path, caplog: py
     assert len(model.losses) == 3
     assert "could not start monitoring" in caplog.text
     assert read_spool(tmp_path / "spool") == []
+
+
+def test_16_mixed_overflows_are_skipped_steps_not_alarms(tmp_path: Path):
+    """Lightning's own fp16 AMP plugin (autocast on the CPU, a real GradScaler) hands the callback its scaler: the
+    overflows while the scale comes down from 2**24 are reported as skipped steps, and on_alert hears nothing."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    heard: list = []
+    callback = LayerwatchCallback(mode="offline", spool_dir=str(tmp_path), every=4, on_alert=heard.append)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**24))
+    _trainer(10, callback, plugins=[plugin]).fit(TinyRegressor(), _loader())
+    steps = [s for b in read_spool(tmp_path) for s in b["steps"]]
+    overflow = [s["scalars"]["overflow"] for s in steps]
+    assert overflow[0] == 1.0 and sum(overflow) >= 3 and overflow[-1] == 0.0
+    assert [s["scalars"]["loss_scale"] for s in steps[:3]] == [2.0**24, 2.0**23, 2.0**22]  # before update()
+    assert heard == []

@@ -8,6 +8,8 @@ Each scenario builds a :class:`Train`: ``backward(i)`` (zero_grad, loss, backwar
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import itertools
 import json
 import math
@@ -89,6 +91,14 @@ class Pager:
 
 
 # -- scenarios ----------------------------------------------------------------------------------------------
+_SEED_OFFSET = contextvars.ContextVar("seed_offset", default=0)
+
+
+def manual_seed(k: int) -> None:
+    """``torch.manual_seed(k)``, shifted by the offset of the variant being built (0 for the suite's own runs)."""
+    torch.manual_seed(k + _SEED_OFFSET.get())
+
+
 @dataclass
 class Scenario:
     name: str
@@ -98,6 +108,19 @@ class Scenario:
     note: str
     fault_at: int | None = None  # where the failure starts (None: from step 0, or the first non-finite loss)
     allowed: dict[str, int] = field(default_factory=dict)  # pages a control may raise (the data switch)
+
+    def reseeded(self, offset: int) -> Scenario:
+        """The same scenario, named ``name#offset``, with every torch seed its builder sets shifted by ``offset``:
+        other initial weights and batches, the same data (the data sets seed generators of their own)."""
+
+        def build() -> Train:
+            token = _SEED_OFFSET.set(offset)
+            try:
+                return self.build()
+            finally:
+                _SEED_OFFSET.reset(token)
+
+        return dataclasses.replace(self, name=f"{self.name}#{offset}", build=build)
 
 
 class Train:
@@ -180,26 +203,50 @@ def cosine(base: float, warmup: int, total: int) -> Callable[[int], float]:
     return lr
 
 
+def gpt_lr_growth(rate: float, start: int = 150) -> Callable[[], Train]:
+    """Tiny GPT-2, SGD, healthy for ``start`` steps, then the learning rate grows by ``rate`` a step (a bad
+    schedule), no clipping: NaN, sooner the faster it grows."""
+
+    def build() -> Train:
+        manual_seed(0)
+        model, data = tiny_gpt(), markov_tokens()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        return Train(model, opt, lm_loss(model, data, 8),
+                     sched=lambda i: 0.05 if i < start else 0.05 * (1 + rate) ** (i - start))  # fmt: skip
+
+    return build
+
+
 def gpt_diverge() -> Train:
     """Healthy for 150 steps, then the learning rate climbs 4% a step (a bad schedule), no clipping: NaN."""
-    torch.manual_seed(0)
-    model, data = tiny_gpt(), markov_tokens()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    return Train(model, opt, lm_loss(model, data, 8),
-                            sched=lambda i: 0.05 if i < 150 else 0.05 * 1.04 ** (i - 150))  # fmt: skip
+    return gpt_lr_growth(0.04)()
 
 
 def mlp_lr_jump() -> Train:
     """An MLP classifier healthy for 300 steps, then a learning rate 100x too high (a unit bug): diverges."""
-    torch.manual_seed(0)
+    manual_seed(0)
     model, (x, y) = mlp([32, 128, 128, 10]), teacher_task()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     return Train(model, opt, classifier(model, x, y, 64), sched=lambda i: 0.05 if i < 300 else 5.0)
 
 
+def mlp_lr_growth(rate: float, start: int = 300) -> Callable[[], Train]:
+    """The MLP classifier of ``mlp_lr_jump``, its learning rate growing by ``rate`` a step from ``start``: the
+    loss climbs and falls back for hundreds of steps, and may reach a NaN late or never."""
+
+    def build() -> Train:
+        manual_seed(0)
+        model, (x, y) = mlp([32, 128, 128, 10]), teacher_task()
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        return Train(model, opt, classifier(model, x, y, 64),
+                     sched=lambda i: 0.05 if i < start else 0.05 * (1 + rate) ** (i - start))  # fmt: skip
+
+    return build
+
+
 def rnn_blowup() -> Train:
     """A ReLU RNN with a recurrent matrix of spectral radius 2 and a high learning rate: blows up in warm-up."""
-    torch.manual_seed(0)
+    manual_seed(0)
 
     class Net(nn.Module):
         def __init__(self) -> None:
@@ -220,7 +267,7 @@ def rnn_blowup() -> Train:
 
 def deep_tanh(std: float) -> Callable[[], Train]:
     def build() -> Train:
-        torch.manual_seed(0)
+        manual_seed(0)
         model = mlp([32] + [64] * 9 + [1], act=nn.Tanh)
         for m in model:
             if isinstance(m, nn.Linear):
@@ -235,7 +282,7 @@ def deep_tanh(std: float) -> Callable[[], Train]:
 
 def dead_layer() -> Train:
     """Every first-layer pre-activation negative: two hidden ReLU layers dead from the start."""
-    torch.manual_seed(0)
+    manual_seed(0)
     model = mlp([16, 64, 64, 64, 1])
     with torch.no_grad():
         model[0].weight.abs_()
@@ -247,7 +294,7 @@ def dead_layer() -> Train:
 
 def bad_batch() -> Train:
     """One corrupted batch at step 400 (its loss 20x), on an otherwise healthy MLP regression."""
-    torch.manual_seed(0)
+    manual_seed(0)
     model = mlp([8, 64, 64, 1])
     x, y = torch.randn(2048, 8), torch.randn(2048, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -262,14 +309,14 @@ def bad_batch() -> Train:
 
 def stuck() -> Train:
     """Learning well, then the learning rate is set to 0 at step 300 (a scheduler bug): the loss stops moving."""
-    torch.manual_seed(0)
+    manual_seed(0)
     model, (x, y) = mlp([32, 128, 10]), teacher_task()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     return Train(model, opt, classifier(model, x, y, 64), sched=lambda i: 0.05 if i < 300 else 0.0)
 
 
 def gpt_cosine() -> Train:
-    torch.manual_seed(1)
+    manual_seed(1)
     model, data = tiny_gpt(), markov_tokens(seed=1)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
     return Train(model, opt, lm_loss(model, data, 8), clip=1.0, sched=cosine(3e-3, 100, 1000))
@@ -277,14 +324,14 @@ def gpt_cosine() -> Train:
 
 def batch2() -> Train:
     """Batch size 2 on an easy task: a quarter of the batch losses near 0, single batches 10-30x the median."""
-    torch.manual_seed(2)
+    manual_seed(2)
     model, (x, y) = mlp([32, 64, 10]), teacher_task(classes=4)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     return Train(model, opt, classifier(model, x, y, 2))
 
 
 def dropout_wd() -> Train:
-    torch.manual_seed(3)
+    manual_seed(3)
     model, (x, y) = mlp([32, 256, 256, 10], dropout=0.3), teacher_task()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     return Train(model, opt, classifier(model, x, y, 32))
@@ -292,7 +339,7 @@ def dropout_wd() -> Train:
 
 def sparse_relu() -> Train:
     """Wide ReLU layers pushed sparse by an L1 penalty on their activations (most units off on most inputs)."""
-    torch.manual_seed(4)
+    manual_seed(4)
     model, (x, y) = mlp([32, 512, 512, 10]), teacher_task()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
@@ -309,7 +356,7 @@ def bert_frozen() -> Train:
     """Partial fine-tuning: BERT's embeddings and first two layers frozen after ``watch`` starts (grad None)."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    torch.manual_seed(5)
+    manual_seed(5)
     cfg = BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
                      intermediate_size=128, max_position_embeddings=32, num_labels=2)  # fmt: skip
     model = BertForSequenceClassification(cfg)
@@ -330,7 +377,7 @@ def bert_frozen() -> Train:
 
 def clipped() -> Train:
     """A high learning rate held in check by clipping the gradient norm to 1 (the norm before clipping is seen)."""
-    torch.manual_seed(6)
+    manual_seed(6)
     model, (x, y) = mlp([32, 128, 128, 10]), teacher_task()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     return Train(model, opt, classifier(model, x, y, 32), clip=1.0)
@@ -338,7 +385,7 @@ def clipped() -> Train:
 
 def slow() -> Train:
     """Slow steady convergence: plain SGD at a small learning rate."""
-    torch.manual_seed(7)
+    manual_seed(7)
     model, (x, y) = mlp([32, 64, 64, 10]), teacher_task()
     opt = torch.optim.SGD(model.parameters(), lr=0.003)
     return Train(model, opt, classifier(model, x, y, 32))
@@ -346,7 +393,7 @@ def slow() -> Train:
 
 def data_switch() -> Train:
     """A deliberate switch to another task at step 600: the loss jumps once, then trains down again."""
-    torch.manual_seed(8)
+    manual_seed(8)
     model = mlp([32, 128, 10])
     tasks = [teacher_task(seed=0), teacher_task(seed=1)]
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -360,7 +407,7 @@ def data_switch() -> Train:
 
 
 def cnn() -> Train:
-    torch.manual_seed(9)
+    manual_seed(9)
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1),
                           nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))  # fmt: skip
     x = torch.randn(1024, 1, 12, 12)
@@ -370,7 +417,7 @@ def cnn() -> Train:
 
 
 def gru() -> Train:
-    torch.manual_seed(10)
+    manual_seed(10)
 
     class Net(nn.Module):
         def __init__(self) -> None:
@@ -413,6 +460,23 @@ SCENARIOS = [
     Scenario("cnn", (), cnn, 800, "small CNN, SGD momentum"),
     Scenario("gru", (), gru, 800, "GRU classifier, Adam, clip 1"),
 ]  # fmt: skip
+
+DIVERGENCES = [  # the sweep's divergence variants: a learning rate that grows, at several rates
+    *(Scenario(f"gpt-lr+{r:.0%}", ("loss_spike", "exploding_gradients"), gpt_lr_growth(r), 800,
+               f"tiny GPT-2, SGD, lr +{r:.0%}/step from step 150, no clipping", fault_at=150)
+      for r in (0.02, 0.04, 0.08)),
+    *(Scenario(f"mlp-lr+{r:.0%}", ("loss_spike", "exploding_gradients"), mlp_lr_growth(r), 1200,
+               f"MLP, SGD momentum, lr +{r:.0%}/step from step 300", fault_at=300)
+      for r in (0.01, 0.03)),
+]  # fmt: skip
+
+
+def sweep(control_offsets: tuple[int, ...] = (100, 200, 300),
+          divergence_offsets: tuple[int, ...] = (0, 1, 2, 3)) -> list[Scenario]:  # fmt: skip
+    """Held-out runs: every healthy control with its seeds shifted by each of ``control_offsets``, and every
+    divergence variant with each of ``divergence_offsets`` (0: the seeds of the suite's own runs)."""
+    controls = [sc.reseeded(o) for o in control_offsets for sc in SCENARIOS if not sc.expect]
+    return controls + [sc.reseeded(o) for o in divergence_offsets for sc in DIVERGENCES]
 
 
 # -- running ------------------------------------------------------------------------------------------------

@@ -260,3 +260,33 @@ def test_nonfinite_origin_first_one_wins(client, token):
     post(client, later, tok)
     detail = client.get(f"/api/v1/runs/{run_id}", headers={"Authorization": f"Bearer {rtok}"}).json()
     assert detail["nonfinite_origin"] == {"step": 0, "pass": "backward", "layer": "blocks.1.fc", "rank": 0}
+
+
+def test_a_preview_is_judged_not_stored_and_the_earliest_origin_of_any_rank_wins(client, token, engine):
+    """Ranks that combine their reports send a tripped interval early as a preview of their own rows: the rules
+    raise non_finite from it, the job's combined batch stores the same steps later, without duplicates."""
+    project = unique()
+    tok, rtok = token(project), token(project, "read")
+    clean = {(s, i, "nonfinite"): 0.0 for s in range(10) for i in range(4)}
+    nan = {**clean, (2, 0, "act_mean"): math.nan, (2, 0, "act_max_abs"): math.nan, (2, 0, "nonfinite"): 3.0}
+    # Rank 0 reports first what DDP's all-reduce showed it: gradients gone NaN at step 2.
+    grads = make_batch("k", 0, range(3), project=project, world_size=2, overrides=clean)
+    grads["steps"][2]["grad_norm_total"] = math.nan
+    grads.update(preview=True, nonfinite_origin={"step": 2, "pass": "backward", "layer": "blocks.0.w", "rank": 0})
+    first = post(client, grads, tok).json()
+    run_id = first["run_id"]
+    assert first["accepted"] == {"steps": 0, "duplicates": 0, "layer_rows": 0, "param_rows": 0}
+    # Rank 1 saw it in its forward pass at the same step: an earlier origin, which replaces the first.
+    forward = make_batch("k", 1, range(3), project=project, world_size=2, overrides=nan)
+    forward.update(preview=True, nonfinite_origin={"step": 2, "pass": "forward", "layer": "blocks.0.fc", "rank": 1})
+    (alert,) = [a for a in post(client, forward, tok).json()["alerts"] if a["rule"] == "non_finite"]
+    assert alert["state"] == "firing" and alert["rank"] == 1 and alert["step"] == 2
+    assert "first at step 2 (forward, layer blocks.0.fc) on rank 1" in alert["message"]
+    assert count_rows(engine, run_id) == (0, 0, 0)
+    # The combined batch (rank 0) stores every step once, rank 0's preview steps included.
+    combined = make_batch("k", 0, range(10), project=project, world_size=2, overrides=nan, seq=1)
+    combined["nonfinite_origin"] = {"step": 2, "pass": "forward", "layer": "blocks.0.fc", "rank": 1}
+    assert post(client, combined, tok).json()["accepted"]["steps"] == 10
+    assert count_rows(engine, run_id) == (10, 40, 40)
+    detail = client.get(f"/api/v1/runs/{run_id}", headers={"Authorization": f"Bearer {rtok}"}).json()
+    assert detail["nonfinite_origin"] == {"step": 2, "pass": "forward", "layer": "blocks.0.fc", "rank": 1}

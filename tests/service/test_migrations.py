@@ -9,13 +9,17 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
+from layerwatch_server.storage import partitions
 from layerwatch_server.storage.migrations import current_revisions, head_revisions, schema_problem
 from layerwatch_server.storage.models import Base
 
 
 def test_models_match_migrations(engine, db_url):
     with engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
+        diff = compare_metadata(
+            MigrationContext.configure(conn, opts={"compare_type": True, "include_name": partitions.include_name}),
+            Base.metadata,
+        )
     assert diff == [], f"models and migrations disagree; add an Alembic revision: {diff}"
     assert current_revisions(engine) == head_revisions(db_url)
     assert schema_problem(engine, db_url) is None
@@ -23,7 +27,8 @@ def test_models_match_migrations(engine, db_url):
 
 def test_series_query_is_indexed(engine):
     pk = inspect(engine).get_pk_constraint("layer_stats")["constrained_columns"]
-    assert pk == ["run_id", "layer_id", "rank", "step"]
+    # PostgreSQL: then the partition key, which a partitioned table's primary key must hold
+    assert pk == ["run_id", "layer_id", "rank", "step"] + (["day"] if engine.dialect.name == "postgresql" else [])
 
 
 def test_wheel_lists_every_package_and_ships_the_migrations():

@@ -26,9 +26,14 @@ class Session:
         self._alert_error: BaseException | None = None
 
     def start(
-        self, model: Any, default_run_name: str | None = None, default_config: dict[str, Any] | None = None
+        self,
+        model: Any,
+        default_run_name: str | None = None,
+        default_config: dict[str, Any] | None = None,
+        scaler: Any = None,
     ) -> None:
-        """Watch ``model``. The framework's run name and hyper-parameters fill in only what the user left unset."""
+        """Watch ``model``. The framework's run name, hyper-parameters and fp16 GradScaler (its overflows are skipped
+        steps, not NaN incidents) fill in only what the user left unset."""
         if self.monitor is not None:
             self.close("finished")  # a second fit()/train() with the same callback is a new run
         self.last_step = None
@@ -40,6 +45,8 @@ class Session:
                 kwargs["run_name"] = default_run_name
             if kwargs.get("config") is None and default_config:
                 kwargs["config"] = default_config
+            if kwargs.get("scaler") is None and scaler is not None:
+                kwargs["scaler"] = scaler
             if self._user_on_alert is not None:
                 kwargs["on_alert"] = self._on_alert
             self.monitor = layerwatch.watch(model, **kwargs)

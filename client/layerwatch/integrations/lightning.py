@@ -47,7 +47,10 @@ class LayerwatchCallback(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._loss = None
-        self._session.start(pl_module, _logger_name(trainer), _hparams(pl_module, self._session.watch_kwargs))
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)  # 16-mixed: a GradScaler
+        self._session.start(
+            pl_module, _logger_name(trainer), _hparams(pl_module, self._session.watch_kwargs), scaler=scaler
+        )
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
         if self._session.monitor is not None:

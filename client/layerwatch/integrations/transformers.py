@@ -77,7 +77,8 @@ class LayerwatchCallback(TrainerCallback):
             return
         hparams = {name: getattr(args, name, None) for name in _ARGS_SHOWN}
         config = {k: (v if isinstance(v, bool | int | float | str) else str(v)) for k, v in hparams.items()}
-        self._session.start(model, getattr(args, "run_name", None) or None, config)
+        scaler = getattr(kwargs.get("optimizer"), "scaler", None)  # accelerate's optimizer holds fp16's GradScaler
+        self._session.start(model, getattr(args, "run_name", None) or None, config, scaler=scaler)
 
     def on_pre_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

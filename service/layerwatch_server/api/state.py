@@ -1,6 +1,6 @@
 """What one collector process holds (built by ``app.build_state``, read by the routes): settings, engine,
-ingestor, token cache, admission control, alerting and its sender, telemetry, the MLflow mirror, and the hooks
-run after each ingest and on the scheduler."""
+ingestor, token cache, admission control, the ranks' turns, alerting and its sender, telemetry, the MLflow mirror,
+and the hooks run after each ingest and on the scheduler."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 from anyio import CapacityLimiter
 from sqlalchemy import Engine
 
+from layerwatch_server.api.order import Turns
 from layerwatch_server.core.batch import Batch
 from layerwatch_server.core.config import Settings
 from layerwatch_server.core.state import Admission
@@ -50,3 +51,4 @@ class AppState:
     ingest_hooks: list[IngestHook] = field(default_factory=list)
     rule_hooks: list[JobFn] = field(default_factory=list)  # the scheduler's "rules" job runs these
     scheduler: Scheduler | None = None
+    turns: Turns = field(default_factory=Turns)  # each rank's batches written in its order (api.order)

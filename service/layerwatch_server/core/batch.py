@@ -175,6 +175,9 @@ class Batch(_Wire):
     end: End | None = None
     dropped: Dropped = Dropped()
     histograms: HistogramsIn | None = None  # optional; a v1 collector before it ignored the key
+    # Optional: a rank's steps so far, sent early because its tripwire tripped in a job whose ranks combine their
+    # reports. Judged by the rules (and its origin kept), not stored: the job's combined report stores those steps.
+    preview: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> Batch:

@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     mlflow_layer_stats: list[str] = Field(["dead_frac", "act_std"], description="Per-layer stats mirrored.")
     mlflow_param_stats: list[str] = Field(["grad_norm"], description="Per-parameter stats mirrored.")
     mlflow_max_keys: int = Field(1000, ge=0, description="Per-layer/parameter metric keys per MLflow run.")
+    mlflow_max_metrics_s: float = Field(
+        1000.0, gt=0, description="Metric values sent per second at most; a faster run is sent downsampled."
+    )
     mlflow_image_interval_s: float = Field(
         300.0, ge=0, description="Least seconds between a run's pictures in MLflow (and at its end)."
     )

@@ -11,6 +11,13 @@ default), already as coarse as a rollup bucket, and the pictures they feed are o
 the transaction of each rank's rollup, up to its boundary (every step below it is older than the cutoff: they
 are run-wide, sent by rank 0). Bin edges no histogram uses any more are deleted after
 (:func:`delete_orphan_edges`).
+
+On PostgreSQL ``layer_stats`` and ``param_stats`` are partitioned by day (:mod:`layerwatch_server.storage.partitions`)
+and :func:`retire_days` is the job instead: each day older than the horizon is rolled up inside PostgreSQL and its
+partitions dropped, not its rows deleted. A bucket of steps that spans two days is rolled up with the first and
+merged with the second (counts added, extremes kept, means weighted), so every raw row is counted once. The
+steps (``step_stats``, a plain table: its key is what makes a re-sent step a duplicate) and histograms of those
+days go in the same transaction, by the same day boundary, row by row.
 """
 
 from __future__ import annotations
@@ -21,9 +28,11 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, func, select
+from sqlalchemy import Connection, Engine, delete, func, select, text
+from sqlalchemy.exc import OperationalError
 
 from layerwatch import wire
+from layerwatch_server.storage import partitions
 from layerwatch_server.storage.base import db_float, dialect_insert
 from layerwatch_server.storage.engine import writer
 from layerwatch_server.storage.models import (
@@ -43,7 +52,22 @@ log = logging.getLogger("layerwatch_server.jobs")
 
 def retention_job(retention_days: float, bucket_steps: int) -> JobFn:
     def job(engine: Engine, now: float) -> None:
-        rolled = roll_up(engine, cutoff=now - retention_days * 86400, bucket=bucket_steps)
+        cutoff = now - retention_days * 86400
+        if engine.dialect.name == "postgresql":
+            try:
+                partitions.ensure(engine, now)
+            except OperationalError as exc:  # its lock not had in time: the default partition takes the rows meanwhile
+                log.warning("partitions ahead not created this tick: %s", str(exc.orig).strip())
+            rolled, dropped = retire_days(engine, cutoff=cutoff, bucket=bucket_steps)
+            if rolled or dropped:
+                log.info(
+                    "retention rolled up %d raw steps and dropped %d partitions older than %.1f days",
+                    rolled,
+                    len(dropped),
+                    retention_days,
+                )
+            return
+        rolled = roll_up(engine, cutoff=cutoff, bucket=bucket_steps)
         if rolled:
             log.info("retention rolled up %d raw steps older than %.1f days", rolled, retention_days)
 
@@ -156,3 +180,111 @@ def _buckets(
                 }
             )
     return out
+
+
+# -- PostgreSQL: whole days ------------------------------------------------------------------------------
+
+_RETIRE_LOCK = 7264  # advisory lock: one replica retires days at a time (the others skip their tick)
+
+
+def retire_days(engine: Engine, *, cutoff: float, bucket: int) -> tuple[int, list[str]]:
+    """Roll up and drop every day before the day of ``cutoff`` (PostgreSQL); (raw steps removed, partitions
+    dropped). One transaction per day that has partitions, oldest first, then one for what is left of the older
+    days (rows of the default partition, steps of days with no partition). A replica that finds another at it,
+    or whose DROP waits past :data:`partitions.LOCK_TIMEOUT`, stops: the next tick goes on from there."""
+    upto = int(cutoff // partitions.DAY_S)
+    with engine.connect() as conn:
+        ends = sorted({p.hi for t in partitions.PARTITIONED for p in partitions.attached(conn, t) if p.hi is not None})
+    steps, dropped = 0, []
+    for end in [e for e in ends if e < upto] + [upto]:
+        try:
+            done = _retire(engine, end, bucket)
+        except OperationalError as exc:  # lock_timeout: ingest or a long query held the table
+            log.warning("retention stopped before day %d: %s", end, str(exc.orig).strip())
+            break
+        if done is None:
+            log.info("retention skipped: another replica is retiring days")
+            break
+        steps += done[0]
+        dropped += done[1]
+    if steps:
+        delete_orphan_edges(engine)
+    return steps, dropped
+
+
+def _retire(engine: Engine, upto: int, bucket: int) -> tuple[int, list[str]] | None:
+    """Everything before day ``upto``: partitions that end by then dropped, older rows of the default partitions
+    and older steps rolled up and deleted, in one transaction; None when another replica holds the lock."""
+    before = upto * partitions.DAY_S
+    with writer(engine).begin() as conn:
+        if not conn.scalar(text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _RETIRE_LOCK}):
+            return None
+        old: list[str] = []
+        for table, (kind, id_col, stats) in _SERIES.items():
+            for part in partitions.attached(conn, table):
+                if part.hi is not None and part.hi <= upto:
+                    conn.execute(text(_rollup_sql(part.name, kind, id_col, stats, "true")), {"b": bucket})
+                    old.append(part.name)
+            default = partitions.default_partition(table)
+            if conn.scalar(text("SELECT to_regclass(:t)"), {"t": default}) is not None:
+                conn.execute(
+                    text(_rollup_sql(default, kind, id_col, stats, "day < :upto")), {"b": bucket, "upto": upto}
+                )
+                conn.execute(text(f'DELETE FROM "{default}" WHERE day < :upto'), {"upto": upto})
+        conn.execute(
+            text(_rollup_sql("step_stats", "step", None, wire.STEP_STATS, "time < :t")), {"b": bucket, "t": before}
+        )
+        conn.execute(
+            text(
+                "DELETE FROM histograms h USING (SELECT run_id, max(step) AS last FROM step_stats WHERE time < :t "
+                "GROUP BY run_id) o WHERE h.run_id = o.run_id AND h.step <= o.last"
+            ),
+            {"t": before},
+        )
+        removed = conn.execute(text("DELETE FROM step_stats WHERE time < :t"), {"t": before}).rowcount
+        if old:
+            # Last, so the parents' ACCESS EXCLUSIVE lock (ingest waits on it) is held only up to the commit.
+            conn.execute(text(f"SET LOCAL lock_timeout = '{partitions.LOCK_TIMEOUT}'"))
+            conn.execute(text(f"LOCK TABLE {', '.join(partitions.PARTITIONED)} IN ACCESS EXCLUSIVE MODE"))
+            for part in old:
+                conn.execute(text(f'DROP TABLE "{part}"'))
+    return removed, old
+
+
+_SERIES = {
+    "layer_stats": ("layer", "layer_id", wire.LAYER_STATS),
+    "param_stats": ("param", "param_id", wire.PARAM_STATS),
+}
+
+
+def _rollup_sql(source: str, kind: str, id_col: str | None, stats: Iterable[str], where: str) -> str:
+    """INSERT .. SELECT of the rollups of ``source``'s rows where ``where`` (bucket size ``:b``), merged into those
+    already there. The same figures as :func:`_buckets`: n counts values, NaN counted apart and left out of
+    min, max and mean (NaN when nothing else is left), +/-Inf kept. One pass groups the rows by series and
+    bucket with every statistic's aggregates side by side; only the groups are then turned into a row per
+    statistic (unpivoting each raw row first made the aggregation seven times the work)."""
+    stats = list(stats)
+    series = f"t.{id_col}" if id_col else "0"
+    aggs = ", ".join(
+        f"count(t.{s}) AS n{i}, count(*) FILTER (WHERE t.{s} = 'NaN') AS z{i}, "
+        f"min(t.{s}) FILTER (WHERE t.{s} <> 'NaN') AS lo{i}, max(t.{s}) FILTER (WHERE t.{s} <> 'NaN') AS hi{i}, "
+        f"avg(t.{s}) FILTER (WHERE t.{s} <> 'NaN') AS m{i}"
+        for i, s in enumerate(stats)
+    )
+    unpivot = ", ".join(f"('{s}', g.n{i}, g.z{i}, g.lo{i}, g.hi{i}, g.m{i})" for i, s in enumerate(stats))
+    r_real, e_real = "(r.n - r.nan_count)", "(excluded.n - excluded.nan_count)"
+    return (
+        f"WITH g AS (SELECT t.run_id, {series} AS series_id, t.rank, t.step - t.step % :b AS b, {aggs} "
+        f'FROM "{source}" t WHERE {where} GROUP BY 1, 2, 3, 4) '
+        "INSERT INTO rollups AS r (run_id, series, series_id, stat, rank, bucket_start, bucket_end, n, nan_count, "
+        f"min, max, mean) SELECT g.run_id, '{kind}', g.series_id, v.stat, g.rank, g.b, g.b + :b - 1, v.n, v.z, "
+        "coalesce(v.lo, 'NaN'), coalesce(v.hi, 'NaN'), coalesce(v.m, 'NaN') "
+        f"FROM g CROSS JOIN LATERAL (VALUES {unpivot}) AS v(stat, n, z, lo, hi, m) WHERE v.n > 0 "
+        "ON CONFLICT (run_id, series, series_id, stat, rank, bucket_start) DO UPDATE SET "
+        "n = r.n + excluded.n, nan_count = r.nan_count + excluded.nan_count, "
+        "min = LEAST(r.min, excluded.min), "  # NaN (nothing real) sorts above every value in PostgreSQL
+        "max = CASE WHEN r.max = 'NaN' THEN excluded.max WHEN excluded.max = 'NaN' THEN r.max "
+        "ELSE GREATEST(r.max, excluded.max) END, "
+        f"mean = CASE WHEN {e_real} = 0 THEN r.mean WHEN {r_real} = 0 THEN excluded.mean "
+        f"ELSE (r.mean * {r_real} + excluded.mean * {e_real}) / ({r_real} + {e_real}) END"
+    )

@@ -4,6 +4,8 @@ A non-finite value is never logged (MLflow stores Inf as the largest float, and 
 the run page): it is counted, per step in ``layerwatch/nonfinite_values`` and per run in tags.
 Downsampling by ``stride`` keeps every step whose number is a multiple of it; statistics measured only
 now and then (``dead_frac`` at window ends, full parameter statistics) are kept whenever measured.
+A ``window`` above 1 (the mirror's pace, :func:`pace_window`) keeps the first reported step of every
+``window`` step numbers, and each sparse statistic's first measurement in it; non-finite counts always go out.
 """
 
 from __future__ import annotations
@@ -49,12 +51,21 @@ def convert(
     budget: Budget,
     layers: Mapping[int, SeriesDef],
     stride: int = 1,
+    window: int = 1,
+    after: int | None = None,
 ) -> Converted:
-    """``steps``: step rows (step, time, loss, lr, grad_norm_total, scalars); ``*_rows[step]``: (id, stats)."""
+    """``steps``: step rows (step, time, loss, lr, grad_norm_total, scalars); ``*_rows[step]``: (id, stats);
+    ``after``: the step before ``steps`` (the cursor), whose window was sent already."""
     out = Converted()
+    prev = -1 if after is None else after
+    sparse_sent: dict[str, int] = {}  # sparse stat -> the window it last went out in (window > 1)
     for s in steps:
         step, ts = int(s["step"]), int(float(s["time"]) * 1000)
-        dense = step % stride == 0
+        w, first = step // window, step // window != prev // window
+        prev = step
+        dense = step % stride == 0 and first  # first: kept_steps'
+
+        sparse = SPARSE_STATS if window == 1 else frozenset(k for k in SPARSE_STATS if sparse_sent.get(k) != w)
         before = out.nonfinite_values
         if dense:
             for stat in STEP_STATS:
@@ -62,13 +73,15 @@ def convert(
             for name, v in list((s.get("scalars") or {}).items())[:MAX_USER_SCALARS]:
                 out.add(naming.safe_key(str(name)), _num(v), ts, step)
         agg = _Aggregates()
+        sent: set[str] = set()
         for layer_id, stats in layer_rows.get(step, ()):
             agg.layer(stats, layers.get(layer_id))
-            _add_series(out, budget.layer_keys, layer_id, stats, ts, step, dense)
+            _add_series(out, budget.layer_keys, layer_id, stats, ts, step, dense, sparse, sent)
         for param_id, stats in param_rows.get(step, ()):
             agg.param(stats)
-            _add_series(out, budget.param_keys, param_id, stats, ts, step, dense)
-        agg.emit(out, ts, step, dense)
+            _add_series(out, budget.param_keys, param_id, stats, ts, step, dense, sparse, sent)
+        agg.emit(out, ts, step, dense, sparse_dead="dead_frac" in sparse)
+        sparse_sent.update(dict.fromkeys(sent, w))
         if dense or out.nonfinite_values > before:
             out.metrics.append((naming.AGG_NONFINITE_VALUES, float(out.nonfinite_values - before), ts, step))
     return out
@@ -82,11 +95,20 @@ def _add_series(
     ts: int,
     step: int,
     dense: bool,
+    sparse: frozenset[str],
+    sent: set[str],
 ) -> None:
     for stat, value in stats.items():
         key = keys.get((series_id, stat))
-        if key is not None and (dense or stat in SPARSE_STATS):
-            out.add(key, value, ts, step)
+        if key is None or value is None:
+            continue
+        if stat in SPARSE_STATS:
+            if stat not in sparse:
+                continue
+            sent.add(stat)
+        elif not dense:
+            continue
+        out.add(key, value, ts, step)
 
 
 class _Aggregates:
@@ -118,15 +140,40 @@ class _Aggregates:
         if n is not None:
             self.nonfinite = (self.nonfinite or 0.0) + n
 
-    def emit(self, out: Converted, ts: int, step: int, dense: bool) -> None:
-        # dead_frac is sparse: its aggregates go out whenever it was measured
-        out.add(naming.AGG_DEAD_FRAC_MAX, self.dead_max, ts, step)
-        if self.units:
-            out.add(naming.AGG_DEAD_UNITS_FRAC, self.dead_units / self.units, ts, step)
+    def emit(self, out: Converted, ts: int, step: int, dense: bool, *, sparse_dead: bool = True) -> None:
+        # dead_frac is sparse: its aggregates go out whenever it was measured (and its window's is due)
+        if sparse_dead:
+            out.add(naming.AGG_DEAD_FRAC_MAX, self.dead_max, ts, step)
+            if self.units:
+                out.add(naming.AGG_DEAD_UNITS_FRAC, self.dead_units / self.units, ts, step)
         if dense:
             out.add(naming.AGG_GRAD_NORM_MAX, self.grad_max, ts, step)
         if dense or (self.nonfinite or 0) > 0:
             out.add(naming.AGG_NONFINITE_COUNT, self.nonfinite, ts, step)
+
+
+def pace_window(n_steps: int, span: int, per_step: int, budget: int) -> int:
+    """The smallest power of two ``window`` whose kept steps (at most one per ``window`` step numbers of the
+    ``span`` read) carry at most ``budget`` metrics of ``per_step`` each; 1 while all ``n_steps`` fit.
+
+    A power of two, so the kept steps of consecutive ticks at the same pace line up on one grid.
+    """
+    if n_steps * per_step <= budget:
+        return 1
+    window = 2
+    while (span // window + 1) * per_step > budget and window < span:
+        window *= 2
+    return window
+
+
+def kept_steps(steps: Iterable[int], window: int, after: int | None) -> list[int]:
+    """The steps whose every statistic goes out at ``window``: the first reported of each window."""
+    kept, prev = [], -1 if after is None else after
+    for step in steps:
+        if step // window != prev // window:
+            kept.append(step)
+        prev = step
+    return kept
 
 
 def _num(v: Any) -> float | None:

@@ -12,10 +12,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, func, or_, select, update
+from sqlalchemy import Engine, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from layerwatch import wire
+from layerwatch_server.mirrors.convert import SPARSE_STATS
 from layerwatch_server.mirrors.naming import SeriesDef
 from layerwatch_server.storage.base import dialect_insert, utcnow
 from layerwatch_server.storage.engine import writer
@@ -32,6 +32,9 @@ from layerwatch_server.storage.models import (
 )
 
 RANK = 0
+# counts of non-finite values: read at every step while above 0, whatever the pace (and only then)
+COUNT_STATS = frozenset({"nonfinite", "grad_nonfinite"})
+MAX_IDS_PER_QUERY = 500  # bound parameters per statement stay well under every backend's limit
 
 
 @dataclass
@@ -156,13 +159,11 @@ def rank_hosts(engine: Engine, run_id: str) -> dict[int, str]:
 Rows = dict[int, list[tuple[int, dict[str, float | None]]]]
 
 
-def read_after(
-    engine: Engine, run_id: str, cursor: int | None, max_steps: int
-) -> tuple[list[dict[str, Any]], Rows, Rows]:
-    """Up to ``max_steps`` rank-0 steps after ``cursor``, with their layer and parameter rows."""
+def read_steps(engine: Engine, run_id: str, cursor: int | None, max_steps: int) -> list[dict[str, Any]]:
+    """Up to ``max_steps`` rank-0 step rows after ``cursor``, in step order."""
     after = -1 if cursor is None else cursor
     with engine.connect() as conn:
-        steps = [
+        return [
             dict(r._mapping)
             for r in conn.execute(
                 select(step_stats)
@@ -171,20 +172,66 @@ def read_after(
                 .limit(max_steps)
             )
         ]
-        if not steps:
-            return [], {}, {}
-        hi = steps[-1]["step"]
-        layers = _rows(conn, layer_stats, "layer_id", wire.LAYER_STATS, run_id, after, hi)
-        params = _rows(conn, param_stats, "param_id", wire.PARAM_STATS, run_id, after, hi)
-    return steps, layers, params
 
 
-def _rows(conn: Any, table: Any, id_col: str, stats: tuple[str, ...], run_id: str, after: int, hi: int) -> Rows:
+def read_rows(
+    engine: Engine,
+    run_id: str,
+    cursor: int | None,
+    hi: int,
+    series: tuple[list[SeriesDef], list[SeriesDef]],
+    stats: tuple[tuple[str, ...], tuple[str, ...]],
+    kept: list[int] | None = None,
+) -> tuple[Rows, Rows]:
+    """Rank-0 layer and parameter rows of steps ``(cursor, hi]``: only the columns in ``stats``.
+
+    With ``kept`` (the mirror downsamples), whole rows only at those steps; at the others only rows with a
+    sparse statistic measured or a non-finite count, filtered by SQLite rather than built in Python.
+    Keyed by every series id, so each series is one range of the primary key (run, id, rank, step): without
+    them SQLite scans every row of the run for the rank and step, and a tick's read grows with the run
+    (130 ms for 10 steps of a 200-layer x 2,000-step run; 2 ms this way).
+    """
+    after = -1 if cursor is None else cursor
+    with engine.connect() as conn:
+        layers = _rows(conn, layer_stats, "layer_id", [d.id for d in series[0]], stats[0], run_id, after, hi, kept)
+        params = _rows(conn, param_stats, "param_id", [d.id for d in series[1]], stats[1], run_id, after, hi, kept)
+    return layers, params
+
+
+def _rows(
+    conn: Any,
+    table: Any,
+    id_col: str,
+    ids: list[int],
+    stats: tuple[str, ...],
+    run_id: str,
+    after: int,
+    hi: int,
+    kept: list[int] | None,
+) -> Rows:
     out: Rows = defaultdict(list)
+    if not ids or not stats:
+        return out
     cols = [table.c[id_col], table.c.step, *(table.c[s] for s in stats)]
-    where = (table.c.run_id == run_id, table.c.rank == RANK, table.c.step > after, table.c.step <= hi)
-    for row in conn.execute(select(*cols).where(*where)):
-        out[row[1]].append((row[0], dict(zip(stats, row[2:], strict=True))))
+    steps = [table.c.step > after, table.c.step <= hi]
+    if kept is None:
+        wanted = [and_(*steps)]
+    else:
+        noted = [table.c[s].is_not(None) for s in stats if s in SPARSE_STATS - COUNT_STATS]
+        noted += [table.c[s] > 0 for s in stats if s in COUNT_STATS]
+        wanted = [table.c.step.in_(kept)]
+        if noted:
+            wanted.append(and_(*steps, table.c.step.not_in(kept), or_(*noted)))
+    for chunk in range(0, len(ids), MAX_IDS_PER_QUERY):
+        for when in wanted:
+            where = (
+                table.c.run_id == run_id,
+                table.c[id_col].in_(ids[chunk : chunk + MAX_IDS_PER_QUERY]),
+                table.c.rank == RANK,
+                when,
+            )
+            for row in conn.execute(select(*cols).where(*where)):
+                out[row[1]].append((row[0], dict(zip(stats, row[2:], strict=True))))
     return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import operator
 import statistics
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,8 +99,18 @@ def _bad(x: float | None) -> bool:
     return x is not None and not math.isfinite(x)
 
 
+MIN_LOSS_SCALE = 1.0  # below it a GradScaler's overflow is a collapse (as layerwatch.tripwire judges it)
+
+
 def non_finite(r: Rule, v: StepView, origin: dict[str, Any] | None) -> list[Obs]:
     where = [n for n, (_, _, st) in v.layers.items() if (st.get("nonfinite") or 0) > 0 or _bad(st.get("act_max_abs"))]
+    scale = v.scalars.get("loss_scale")
+    if v.scalars.get("overflow") == 1.0 and scale is not None and not where and not _bad(v.loss):
+        # fp16 mixed precision: the client's GradScaler overflowed and skipped the step, by design, unless its
+        # scale has collapsed (the gradients overflow unscaled)
+        bad = scale < MIN_LOSS_SCALE
+        msg = f"gradient overflow at step {v.step} with the loss scale down to {scale:.3g}" if bad else ""
+        return [Obs(r.name, "", bad, scale, MIN_LOSS_SCALE, msg)]
     where += [n for n, (_, st) in v.params.items() if _bad(st.get("grad_norm"))]
     bad = _bad(v.loss) or _bad(v.grad_norm_total) or bool(where)
     msg = ""
@@ -107,6 +118,8 @@ def non_finite(r: Rule, v: StepView, origin: dict[str, Any] | None) -> list[Obs]
         first = (
             f"; first at step {origin['step']} ({origin.get('pass')}, layer {origin.get('layer')})" if origin else ""
         )
+        if origin and origin.get("rank"):
+            first += f" on rank {origin['rank']}"  # in a job of several ranks, where to look
         what = "loss" if _bad(v.loss) else (where[0] if where else "gradient norm")
         msg = f"NaN/Inf at step {v.step} in {what} ({len(where)} layers/params affected){first}"
     return [Obs(r.name, "", bad, v.loss if _bad(v.loss) else float(len(where)), 0.0, msg)]
@@ -190,12 +203,11 @@ def _quantile(ordered: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (at - lo)
 
 
-def _robust(values: list[float]) -> tuple[float, float, float]:
-    """(median, spread, highest) of ``values``, from one sort (this runs at every step of every run). The spread
-    is the larger of the interquartile range over 1.349 and the distance from the median to the 90th percentile
-    over 1.2816 (both one standard deviation for a normal): a loss whose batches are often near zero (tiny
+def _robust(ordered: list[float]) -> tuple[float, float, float]:
+    """(median, spread, highest) of sorted values (one sort serves every loss test: this runs at every step of every
+    run). The spread is the larger of the interquartile range over 1.349 and the distance from the median to the 90th
+    percentile over 1.2816 (both one standard deviation for a normal): a loss whose batches are often near zero (tiny
     batches) has a narrow middle but a long upper tail, and that tail is its normal noise."""
-    ordered = sorted(values)
     med = _quantile(ordered, 0.5)
     iqr = _quantile(ordered, 0.75) - _quantile(ordered, 0.25)
     return med, max(iqr / 1.349, (_quantile(ordered, 0.9) - med) / 1.2816), ordered[-1]
@@ -260,37 +272,51 @@ def gradients(r: Rule, v: StepView, exploding: bool, mem: dict[str, Any], report
     return out
 
 
-RISE_OF = (2, 3)  # the rise bound holds at 2 of the last 3 steps (this one included)
-RISE_MIN_REL = 0.1  # and is at least 10% above the median (a noise-free loss has no spread to speak of)
+RISE_K = 1.0  # the rise test's allowance per step, in normal scores: half the shift it is tuned to (2, the top 2.3%)
+RISE_CAP = 2.0  # its sum is kept under 2 x `rise`: once the loss is back, a past rise is forgotten within a few steps
+RISE_MIN_REL = 0.1  # and the loss must be 10% above the median (a near noise-free loss may rise by a hair, harmlessly)
+_NORMAL = statistics.NormalDist()
 BOUNDS = {  # loss_spike's bounds, as its messages name them
     "blow-up": "factor x the median of the first 5 losses",
     "spike": "median + max(threshold x spread, min_rel x median, 2 x (highest - median))",
-    "rise": "median + max(rise x spread, 0.1 x median), at 2 of the last 3 steps",
+    "rise": "median + 0.1 x |median|, the CUSUM of the loss's rank scores being above rise",
 }
+
+
+def _rank_score(ordered: list[float], x: float) -> float:
+    """The normal score of ``x``'s rank among sorted values: the quantile of a standard normal at its mid-rank. While
+    the loss is stationary its rank is uniform whatever its distribution (tiny batches, heavy tails), so the score is
+    N(0, 1) and bounded (2.58 against 100 values): one outlier weighs no more than any loss above the whole window."""
+    at = (bisect_left(ordered, x) + bisect_right(ordered, x)) / 2
+    return _NORMAL.inv_cdf((at + 0.5) / (len(ordered) + 1))
 
 
 def loss_spike(r: Rule, v: StepView, mem: dict[str, Any]) -> list[Obs]:
     """The loss against the last ``window`` losses (after ``warmup`` of them). A spike: one step above ``median +
-    max(threshold x spread, min_rel x |median|, 2 x (highest - median))``. The start of a divergence: 2 of the last
-    3 steps above ``median + max(rise x spread, 0.1 x |median|)`` (each alone could be noise, two in three are
-    not). A blow-up, from the second step on, warm-up or not: above ``factor`` x the median of the first five."""
+    max(threshold x spread, min_rel x |median|, 2 x (highest - median))``. A rise, the start of a divergence: a
+    one-sided CUSUM (Page's test) of the loss's rank scores in its window, ``S = max(0, S + score - 1)``, above
+    ``rise``, while the loss is 10% above the median; noise scores about 0 and a decreasing loss below it, so ``S``
+    only grows while the loss sits in the top of its recent range step after step. A blow-up, from the second step
+    on, warm-up or not: above ``factor`` x the median of the first five."""
     if v.loss is None or not math.isfinite(v.loss):
         return []
     hist: list[float] = mem.setdefault(r.name, [])
     first: list[float] = mem.setdefault(f"{r.name}.first", [])
-    risen: list[bool] = mem.setdefault(f"{r.name}.rise", [])
+    mem.pop(f"{r.name}.rise", None)  # the 2-of-3 rise test's flags (until 2026-12)
     bounds: dict[str, float] = {}
     if first and r.factor:
         bounds["blow-up"] = r.factor * abs(statistics.median(first))
-    rise, robust = False, None
+    robust, cusum = None, None
     if len(hist) >= (r.warmup or 1):
-        robust = med, spread, highest = _robust(hist)
+        ordered = sorted(hist)
+        robust = med, spread, highest = _robust(ordered)
         bounds["spike"] = med + max(r.threshold * spread, (r.min_rel or 0.0) * abs(med), 2 * (highest - med))
         if r.rise:
-            low = med + max(r.rise * spread, RISE_MIN_REL * abs(med))
-            rise = v.loss > low
-            if rise and sum(risen) + 1 >= RISE_OF[0]:
-                bounds["rise"] = low
+            cusum = mem.get(f"{r.name}.cusum", 0.0) + _rank_score(ordered, v.loss) - RISE_K
+            cusum = min(RISE_CAP * r.rise, max(0.0, cusum))
+            mem[f"{r.name}.cusum"] = float(f"{cusum:.6g}")
+            if cusum > r.rise:
+                bounds["rise"] = med + RISE_MIN_REL * abs(med)
     out = []
     if bounds:
         kind = min(bounds, key=bounds.__getitem__)
@@ -300,10 +326,9 @@ def loss_spike(r: Rule, v: StepView, mem: dict[str, Any]) -> list[Obs]:
         if breach:
             msg = f"loss {v.loss:.4g} at step {v.step} above {limit:.4g}, a {kind}: {BOUNDS[kind]}"
             if robust:
-                msg += " (median {:.4g}, spread {:.3g}, highest {:.4g})".format(*robust)
+                msg += " (median {:.4g}, spread {:.3g}, highest {:.4g}".format(*robust)
+                msg += f", CUSUM {cusum:.3g}, rise {r.rise:.3g})" if cusum is not None else ")"
         out.append(Obs(r.name, "", breach, v.loss, limit, msg))
-    risen.append(rise)
-    del risen[: -(RISE_OF[1] - 1)]
     if len(first) < 5:
         _push(first, v.loss, 5)
     _push(hist, v.loss, builtin_setting(r, "window"))

@@ -6,6 +6,16 @@ UPDATE; SQLite has one writer), so the ranks and replicas ingesting a run take t
 their states, and every writer of a run's alerts locks in one order (the run, then its alerts; the schedule's
 tick does the same): no deadlocks. The rank's memory row is only ever written under that lock. Alert changes
 and their notifications (queued through ``emit``) commit with the batch; the fan-out delivers them after it.
+
+A rank's steps are judged as a series, in step order: its memory holds the history the loss and gradient rules
+compare against, the ``for`` counts, and the last step judged. The collector writes a rank's batches in the
+order the rank made them (``api.order``), so the steps of a batch normally all come after that last step. Those
+of a batch that comes later after all (its turn was not waited for any longer: lost for a while, or sent to
+another replica) are *late*: they are stored as any others and judged by the rules that need no history
+(``STATELESS``: NaN/Inf, dead units, saturation, thresholds), whose breaches open or keep alerts as any breach
+does, counted on their own (a late step never adds to, nor resets, the ``for`` count of the steps in order);
+their clean observations resolve nothing (a later step has spoken since), and the history-based rules do not
+see them. Steps of a batch that stored nothing new (a batch sent again) are not judged twice.
 """
 
 from __future__ import annotations
@@ -17,18 +27,20 @@ from typing import Any
 from sqlalchemy import JSON, Connection, bindparam, select, update
 from sqlalchemy.orm import Session
 
-from layerwatch_server.core.batch import Batch
+from layerwatch_server.core.batch import Batch, StepIn
 from layerwatch_server.rules import incidents, store
 from layerwatch_server.rules.book import RuleBook
 from layerwatch_server.rules.evaluate import evaluate_step, needs_detail, view
 from layerwatch_server.rules.fanout import Clock, Emit, FanOut
 from layerwatch_server.rules.lifecycle import OPEN, Lifecycle
+from layerwatch_server.rules.spec import Rule
 from layerwatch_server.storage.alerts import Obs, alert_dict
 from layerwatch_server.storage.base import UTCDateTime, dialect_insert, finite_json, utcnow
 from layerwatch_server.storage.ingest import Ingestor, IngestResult
 from layerwatch_server.storage.models import AlertRow, RuleState, Run
 
 HOOK = "alerting"  # the name of the in-transaction hook, and of what it stages on IngestResult
+STATELESS = frozenset({"non_finite", "dead_units", "saturation", "threshold"})  # the rules judging late steps
 
 # Built once: Core statements built per batch cost more to compile-cache than to run.
 _LOCK_RUN = select(Run.config, Run.nonfinite_origin).where(Run.id == bindparam("id")).with_for_update()
@@ -90,7 +102,9 @@ class Evaluation:
         mem = self._memory(conn, res.run_id, batch.rank, now)
         rules = self.book.rules_for(batch.run.project, config)  # the batch's config is the run's by now (first wins)
         alerts = store.load(conn, res.run_id)
-        ordered = sorted((x for x in batch.steps if x.step > mem.get("last_step", -1)), key=lambda x: x.step)
+        last = mem.get("last_step", -1)
+        ordered = sorted((x for x in batch.steps if x.step > last), key=lambda x: x.step)
+        late = sorted((x for x in batch.steps if x.step <= last), key=lambda x: x.step) if res.steps else []
 
         events: list[tuple[AlertRow, str, Obs | None]] = []
 
@@ -100,16 +114,13 @@ class Evaluation:
         def send(row: AlertRow, status: str, obs: Obs | None, layers: list[str]) -> None:
             queued.extend(self.emit(s, row, status, obs, now, layers=layers))
 
+        if late:  # before the steps in order, which came after them; counted apart, with no history
+            stateless = {name: r for name, r in rules.items() if r.kind in STATELESS}
+            lc = Lifecycle(res.run_id, batch.run.project, batch.rank, alerts, {}, transition, now, store.AlertRecord)
+            self._judge(batch, late, stateless, {}, origin, lc, breaches_only=True)
         counters = mem.setdefault("counters", {})
         lc = Lifecycle(res.run_id, batch.run.project, batch.rank, alerts, counters, transition, now, store.AlertRecord)
-        for i, step in enumerate(ordered):
-            # A report is the batch's last step, or any step closing a dead-unit window; other steps only
-            # need their layers when something in them is non-finite.
-            window_end, bad = needs_detail(batch, step)
-            report = i == len(ordered) - 1 or window_end
-            v = view(batch, step, detailed=report or bad)
-            for obs in evaluate_step(rules, v, mem, origin, report):
-                lc.apply(obs, rules[obs.rule], v.step)
+        self._judge(batch, ordered, rules, mem, origin, lc)
         stalled = alerts.get(("stalled", ""))
         if ordered and stalled is not None and stalled.state in OPEN:
             lc.resolve(stalled, None, ordered[-1].step, "the run is sending data again")
@@ -117,7 +128,8 @@ class Evaluation:
             mem["last_step"] = ordered[-1].step
         incidents.page(events, alerts.values(), send)  # one page per (run, rule) incident
         store.save(conn, alerts.values())
-        conn.execute(_SAVE_MEMORY, {"r_id": res.run_id, "r_rank": batch.rank, "r_data": mem, "r_now": now})
+        if not batch.preview:  # a preview's steps come again, combined: they are remembered from there
+            conn.execute(_SAVE_MEMORY, {"r_id": res.run_id, "r_rank": batch.rank, "r_data": mem, "r_now": now})
         keep = dt.timedelta(seconds=self.resolved_visible_s)
         current = [
             _json_safe(alert_dict(a))
@@ -125,6 +137,27 @@ class Evaluation:
             if a.state in OPEN or (a.resolved_at and now - a.resolved_at < keep)
         ]
         return Staged(current, queued)
+
+    @staticmethod
+    def _judge(
+        batch: Batch,
+        steps: list[StepIn],
+        rules: dict[str, Rule],
+        mem: dict[str, Any],
+        origin: dict[str, Any] | None,
+        lc: Lifecycle,
+        breaches_only: bool = False,
+    ) -> None:
+        """``steps`` (in step order) through ``rules``, their observations through ``lc``."""
+        for i, step in enumerate(steps):
+            # A report is the last step, or any step closing a dead-unit window; other steps only need their
+            # layers when something in them is non-finite.
+            window_end, bad = needs_detail(batch, step)
+            report = i == len(steps) - 1 or window_end
+            v = view(batch, step, detailed=report or bad)
+            for obs in evaluate_step(rules, v, mem, origin, report):
+                if obs.breach or not breaches_only:
+                    lc.apply(obs, rules[obs.rule], v.step)
 
     @staticmethod
     def _memory(conn: Connection, run_id: str, rank: int, now: dt.datetime) -> dict[str, Any]:

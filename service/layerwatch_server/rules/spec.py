@@ -30,7 +30,7 @@ BUILTINS: dict[str, dict[str, Any]] = {
     "dead_units": {"threshold": 0.5, "run_threshold": 0.5, "for": 2},
     "loss_spike": {
         "threshold": 10.0,
-        "rise": 4.0,
+        "rise": 6.0,
         "window": 100,
         "warmup": 20,
         "min_rel": 0.5,
@@ -83,7 +83,9 @@ class Rule(BaseModel):
     min_rel: float | None = Field(None, ge=0)
     ratio: float | None = Field(None, gt=0)
     factor: float | None = Field(None, gt=1, description="a multiple of the run's own typical value")
-    rise: float | None = Field(None, gt=0, description="loss_spike: spreads above the median at 2 of 3 steps")
+    rise: float | None = Field(
+        None, gt=0, description="loss_spike: the decision interval of the CUSUM of the loss's rank scores"
+    )
     loss_floor: float | None = Field(None, ge=0)
     patience: int | None = Field(None, ge=1)
     min_delta: float | None = Field(None, ge=0, lt=1)

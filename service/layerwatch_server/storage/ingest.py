@@ -18,6 +18,7 @@ import logging
 import operator
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import chain
@@ -28,7 +29,7 @@ from sqlalchemy import BigInteger, Connection, Engine, String, Table, bindparam,
 
 from layerwatch import wire
 from layerwatch_server.core.batch import MAX_SERIES, Batch, LayerIn, ParamIn
-from layerwatch_server.storage import histograms
+from layerwatch_server.storage import histograms, partitions
 from layerwatch_server.storage.base import LRU, UTCDateTime, dialect_insert, json_serializer, sqlite_float, utcnow
 from layerwatch_server.storage.engine import writer
 from layerwatch_server.storage.models import (
@@ -115,13 +116,16 @@ class Ingestor:
         learned: list[tuple[LRU, Any, Any]] = []
         with self._writer.begin() as conn:
             run_id = self._run_id(conn, batch, learned)
-            new_steps = self._claim_steps(conn, run_id, batch)
-            layer_ids = self._series_ids(conn, run_id, "layer", batch.layers, learned)
-            param_ids = self._series_ids(conn, run_id, "param", batch.params, learned)
-            n_layer = self._bulk(conn, layer_stats, "layer_id", run_id, batch, new_steps, layer_ids, "layers")
-            n_param = self._bulk(conn, param_stats, "param_id", run_id, batch, new_steps, param_ids, "params")
-            histograms.write(conn, run_id, batch.histograms, self.pg)
-            res = IngestResult(run_id, len(new_steps), len(batch.steps) - len(new_steps), n_layer, n_param)
+            new_steps: dict[int, Any] = {}
+            res = IngestResult(run_id, 0, 0, 0, 0)
+            if not batch.preview:  # a preview is for the hooks to judge; the combined report stores its steps
+                new_steps = self._claim_steps(conn, run_id, batch)
+                layer_ids = self._series_ids(conn, run_id, "layer", batch.layers, learned)
+                param_ids = self._series_ids(conn, run_id, "param", batch.params, learned)
+                n_layer = self._bulk(conn, layer_stats, "layer_id", run_id, batch, new_steps, layer_ids, "layers")
+                n_param = self._bulk(conn, param_stats, "param_id", run_id, batch, new_steps, param_ids, "params")
+                histograms.write(conn, run_id, batch.histograms, self.pg)
+                res = IngestResult(run_id, len(new_steps), len(batch.steps) - len(new_steps), n_layer, n_param)
             self._first_wins(conn, run_id, batch)
             for name, hook in self.in_transaction.items():
                 res.staged[name] = self._guarded(conn, name, hook, batch, res)
@@ -251,10 +255,20 @@ class Ingestor:
         attr: str,
     ) -> int:
         names = batch.layer_stats if attr == "layers" else batch.param_stats
-        cols = ", ".join(["run_id", id_col, "rank", "step", *names])
         rank = batch.rank
         # r[0] is a float that equals an int (the batch check made sure), so it finds the int key as it is
-        rows = [(run_id, ids[r[0]], rank, step, *r[1:]) for step, s in new_steps.items() for r in getattr(s, attr)]
+        if self.pg:  # and the partition key, the day of the step's time
+            cols = ", ".join(["run_id", id_col, "rank", "step", "day", *names])
+            now = time.time()
+            day = {step: partitions.day_of(s.time, now) for step, s in new_steps.items()}
+            rows = [
+                (run_id, ids[r[0]], rank, step, day[step], *r[1:])
+                for step, s in new_steps.items()
+                for r in getattr(s, attr)
+            ]
+        else:
+            cols = ", ".join(["run_id", id_col, "rank", "step", *names])
+            rows = [(run_id, ids[r[0]], rank, step, *r[1:]) for step, s in new_steps.items() for r in getattr(s, attr)]
         if not rows:
             return 0
         # SQLite would store a bound NaN as NULL: NaN goes in as text (see storage.base). The sum of every
@@ -300,15 +314,25 @@ class Ingestor:
         conn.execute(_TOUCH_RUN, {"id": run_id, "now": now, "lo": lo, "hi": hi, "end": end})
 
     def _first_wins(self, conn: Connection, run_id: str, batch: Batch) -> None:
-        """A run's config and its first non-finite origin do not change once set. Before the hooks, which read
-        them; an UPDATE whose WHERE no longer matches takes no row lock, so this costs no waiting later."""
+        """A run's config does not change once set, and its non-finite origin is the earliest any rank reported
+        (under DDP a NaN of one rank's forward reaches every rank's gradients in the same step, and each rank's
+        tripwire may report its view first). Before the hooks, which read them; an UPDATE whose WHERE no longer
+        matches takes no row lock, and only the rare batch that names an origin locks the run row (the alert
+        rules lock it next anyway), so this costs no waiting later."""
         if batch.run.config is not None:
             conn.execute(update(Run).where(Run.id == run_id, Run.config.is_(None)).values(config=batch.run.config))
         if batch.nonfinite_origin is not None:
             origin = batch.nonfinite_origin.model_dump(by_alias=True)
-            conn.execute(
-                update(Run).where(Run.id == run_id, Run.nonfinite_origin.is_(None)).values(nonfinite_origin=origin)
-            )
+            current = conn.scalar(select(Run.nonfinite_origin).where(Run.id == run_id).with_for_update())
+            if current is None or _origin_order(origin) < _origin_order(current):
+                conn.execute(update(Run).where(Run.id == run_id).values(nonfinite_origin=origin))
+
+
+_PASSES = {"forward": 0, "loss": 1, "backward": 2}  # as a step computes them
+
+
+def _origin_order(origin: dict[str, Any]) -> tuple[int, int]:
+    return int(origin.get("step", 0)), _PASSES.get(str(origin.get("pass")), len(_PASSES))
 
 
 # Hand-written once (valid on SQLite and PostgreSQL): building these with Core per batch cost more

@@ -168,6 +168,9 @@ step_stats = Table(
 
 
 def _stats_table(name: str, id_column: str, stats: tuple[str, ...]) -> Table:
+    """On PostgreSQL partitioned by ``day`` (:mod:`layerwatch_server.storage.partitions`), whose primary key
+    ends in ``day`` there (a partition key must be in it): one row per (run, series, rank, step) all the same,
+    as ingest writes only the steps it claimed in ``step_stats``. On SQLite ``day`` is 0."""
     return Table(
         name,
         Base.metadata,
@@ -176,6 +179,7 @@ def _stats_table(name: str, id_column: str, stats: tuple[str, ...]) -> Table:
         Column("rank", Integer, primary_key=True),
         Column("step", BigInteger, primary_key=True),
         *(Column(stat, NanFloat) for stat in stats),
+        Column("day", Integer, nullable=False),  # UTC day of the step's time (days since 1970-01-01)
         sqlite_with_rowid=False,
     )
 

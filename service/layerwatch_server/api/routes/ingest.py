@@ -1,4 +1,8 @@
-"""POST /api/v1/ingest: one batch in, one transaction, 202 after commit."""
+"""POST /api/v1/ingest: one batch in, one transaction, 202 after commit.
+
+A batch is decoded and validated as soon as it comes; its write (rows, rules, commit) waits for its turn among
+its rank's batches (``api.order``: after the batch its ``Layerwatch-Follows`` header names), on the event loop,
+so no worker thread and no transaction is held meanwhile."""
 
 from __future__ import annotations
 
@@ -12,11 +16,11 @@ from fastapi.responses import JSONResponse
 from layerwatch import wire
 from layerwatch_server.api.deps import GrantDep, StateDep, authorize
 from layerwatch_server.api.errors import PayloadTooLarge, Unstorable, UnsupportedMedia
+from layerwatch_server.api.order import HEADER
 from layerwatch_server.api.schemas import IngestResponse, Problem
 from layerwatch_server.api.state import AppState
 from layerwatch_server.core.batch import Batch
 from layerwatch_server.storage.ingest import TooManySeries
-from layerwatch_server.storage.tokens import Grant
 
 log = logging.getLogger("layerwatch_server")
 router = APIRouter(tags=["ingest"])
@@ -62,8 +66,26 @@ async def ingest(request: Request, state: StateDep, grant: GrantDep) -> JSONResp
         if encoding and encoding.lower() not in ("gzip", "identity"):
             raise UnsupportedMedia(f"unsupported Content-Encoding {encoding!r}; use gzip or identity")
         body = await _read_body(request, wire.MAX_BODY_BYTES)
-        result = await to_thread.run_sync(_ingest, state, grant, body, media, encoding, limiter=state.ingest_limiter)
+        with state.turns.arrival(_head(body, media, encoding)) as arrival:
+            batch = await to_thread.run_sync(_decode, body, media, encoding, limiter=state.ingest_limiter)
+            authorize(grant, batch.run.project, "write")
+            key = (batch.run.project, batch.run.key, batch.rank, batch.pid)
+            await arrival.after(key, batch.seq, _follows(request.headers.get(HEADER)))
+            result = await to_thread.run_sync(_ingest, state, batch, limiter=state.ingest_limiter)
     return JSONResponse(result, status_code=202)
+
+
+def _head(body: bytes, media: str, encoding: str | None) -> tuple[tuple[str, str, int, int], int] | None:
+    """(run, rank, process) and seq of a gzip msgpack batch from its first bytes (tens of microseconds), or None."""
+    if media == "application/json" or (encoding or "").lower() != "gzip":
+        return None
+    sender = wire.sender_of(body)
+    return (sender[:4], sender[4]) if sender is not None else None
+
+
+def _follows(value: str | None) -> int | None:
+    """The header's seq; anything else is no promise to wait for (the batch goes on as without it)."""
+    return int(value) if value is not None and value.isdigit() and len(value) < 20 else None
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -79,9 +101,11 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _ingest(state: AppState, grant: Grant | None, body: bytes, media: str, encoding: str | None) -> dict[str, Any]:
-    batch = Batch.model_validate(wire.decode(body, media, encoding))
-    authorize(grant, batch.run.project, "write")
+def _decode(body: bytes, media: str, encoding: str | None) -> Batch:
+    return Batch.model_validate(wire.decode(body, media, encoding))
+
+
+def _ingest(state: AppState, batch: Batch) -> dict[str, Any]:
     try:
         res = state.ingestor.write(batch)
     except TooManySeries:

@@ -74,8 +74,8 @@ def _worker(rank: int, world: int, port: int, spool: str, steps: int, per_rank: 
             size = 8 * (part.sums.numel() + part.highs.numel() + part.ranks.numel())
             reducer = RankReducer()
             took = _timed(lambda: reducer.combine("layout", part))
-            small = _timed(lambda: reducer.any(torch.zeros(-(-BLOCKS * 2 * WIDTH // 16) + 3, dtype=torch.int32)))
-            large = _timed(lambda: reducer.any(torch.zeros(200 * 4096 // 16 + 13, dtype=torch.int32)))
+            words = [-(-BLOCKS * 2 * WIDTH // 16) + 3, 200 * 4096 // 16 + 13]  # units, then the layers' calls
+            small, large = (_timed(lambda n=n: reducer.any(torch.zeros(n, dtype=torch.int32), "units")) for n in words)
             if rank == 0:
                 figures = [statistics.median(took) * 1e3, max(took) * 1e3, size]
                 figures += [statistics.median(small) * 1e3, statistics.median(large) * 1e3]

@@ -105,15 +105,16 @@ class RankReducer:
             log.warning("layerwatch: the ranks' report could not be combined (%s); each rank sends its own rows", exc)
             return None
 
-    def any(self, bits: torch.Tensor) -> torch.Tensor | None:
-        """The bitwise OR of every rank's ``bits`` (int32); None when their sizes differ (that time: the ranks watch
-        other layers) or a peer does not come (from then on)."""
+    def any(self, bits: torch.Tensor, layout: str) -> torch.Tensor | None:
+        """The bitwise OR of every rank's ``bits`` (int32); None when their ``layout`` or sizes differ (that time: the
+        ranks watch other layers) or a peer does not come (from then on)."""
         if not self.enabled:
             return None
         try:
-            header = torch.tensor([bits.numel(), -bits.numel()], dtype=torch.int64)
+            key = zlib.crc32(layout.encode())
+            header = torch.tensor([key, -key, bits.numel(), -bits.numel()], dtype=torch.int64)
             dist.all_reduce(header, op=dist.ReduceOp.MAX, group=self.group)
-            if header[0] != -header[1]:
+            if header[0] != -header[1] or header[2] != -header[3]:
                 if not self._said_units:
                     self._said_units = True
                     log.warning("layerwatch: ranks watch different units; dead_frac is each rank's own while they do")
@@ -138,9 +139,9 @@ def reduce_windows(reducer: RankReducer, report: Report, values: list[float], wo
     for i, ((position, called), size) in enumerate(zip(report.dead_windows, report.activity, strict=True)):
         mine = torch.cat([words[offset : offset + size], stats.pack_bits(torch.tensor(called, dtype=torch.bool))])
         offset += size
-        both = reducer.any(mine.to(torch.int32))
+        width = len(called)
+        both = reducer.any(mine.to(torch.int32), repr(units[:width]))
         if both is not None:
-            width = len(called)
             total = sum(units[:width])
             active = stats.unpack_bits(both[:size], total).to(torch.float64)
             bounds = torch.tensor([0, *units[:width]]).cumsum(0)

@@ -386,3 +386,28 @@ def test_dead_units_are_the_global_batchs_and_reduced_off_the_training_thread(
         assert got["layer", "0", 0]["dead_frac"] is None  # the Linear's units are measured at its ReLU
     for rank in range(world):
         assert json.loads(Path(tmp_path, f"{rank}.json").read_text()) == []
+
+
+def test_a_non_finite_gradient_is_traced_to_the_first_rank_whose_own_norm_was_not_finite():
+    """DDP averages a NaN gradient into every rank's: the ranks' own norms, taken before, say where it came from."""
+    from layerwatch.ranks import Combined, Part
+    from layerwatch.report import Report, StepMeta
+
+    steps = [StepMeta(step=s, time=float(s), calls=layerwatch.recorder.StepCalls()) for s in (10, 11)]
+    report = Report(steps=steps, layers=[], bounded=[], dead_windows=[], param_numel=[], flat=None)
+    per_rank = [  # (world, [loss x 2, step time x 2, own gradient norm x 2])
+        [1.0, 1.0, 0.1, 0.1, 2.0, 3.0],
+        [1.0, 1.0, 0.1, 0.1, 5.0, math.nan],
+        [1.0, 1.0, 0.1, 0.1, 4.0, math.inf],
+    ]
+    empty = torch.zeros(0, dtype=torch.float64)  # no layers
+    combined = Combined(report, Part(empty, empty, torch.tensor(per_rank, dtype=torch.float64)), 3)
+    origin = {"step": 11, "pass": "backward", "layer": "0.weight", "rank": 0}
+    assert combined.origin_rank(origin, [], 10) == 1
+    wire_steps: list[dict[str, Any]] = [{"loss": 1.0, "scalars": {}} for _ in steps]
+    combined.spread(wire_steps)
+    assert wire_steps[0]["scalars"]["grad_norm_rank_max"] == 5.0
+    assert wire_steps[0]["scalars"]["grad_norm_argmax_rank"] == 1.0
+    assert math.isnan(wire_steps[1]["scalars"]["grad_norm_rank_max"])  # a NaN counts as the largest
+    assert wire_steps[1]["scalars"]["grad_norm_argmax_rank"] == 1.0
+    assert combined.ranks()["grad_norm_mean"] == [2.5, 5.0, 4.0]

@@ -19,7 +19,7 @@ import msgpack
 
 from layerwatch import wire
 from layerwatch.histograms import wire_section
-from layerwatch.ranks import Combined, RankReducer, layout, rank_part
+from layerwatch.ranks import Combined, RankReducer, layout, rank_part, reduce_windows
 from layerwatch.report import Report, first_nonfinite, translate, uncounted_nonfinite
 
 
@@ -38,7 +38,9 @@ class BatchBuilder:
         self._seq = 0
         self._origin_sent = False
         self._weight_norms: dict[int, float] = {}
-        self.reducer = reducer  # combines regular reports across ranks; None: every rank sends its own rows
+        # The ranks' collectives (torch.distributed, world > 1): dead-unit windows OR-ed, and reports marked
+        # ``combine`` combined (rank 0 sends the rows); None: every rank sends its own rows and dead units.
+        self.reducer = reducer
         self._last_time: float | None = None  # the previous step's time, for the time between steps
 
     def build(self, report: Report) -> list[Packed]:
@@ -47,7 +49,12 @@ class BatchBuilder:
         in the run's first batch, the first NaN/Inf's origin in the first part, the end of the run in the last."""
         if report.ready is not None:
             report.ready.synchronize()  # waits here, on the exporter's thread, never on the training thread
-        values = report.flat.tolist() if report.flat is not None else []
+        values: list[float] = []
+        if report.flat is not None:
+            words = sum(report.activity)  # the dead-unit windows' packed activity ends the buffer
+            values = report.flat[: report.flat.numel() - words].tolist()
+            if words and self.reducer is not None:
+                reduce_windows(self.reducer, report, values, report.flat[report.flat.numel() - words :])
         times = self._step_times(report) if not report.preview else []  # its steps come again, in the report
         steps = translate(report, values, self._weight_norms)
         if self.on_uncounted_nonfinite is not None and uncounted_nonfinite(steps):

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from layerwatch import stats
 
@@ -57,51 +59,74 @@ def run_key(explicit: str | None) -> str:
     return key
 
 
-class UnitReducer:
-    """Combines the per-unit window extremes across ranks, so dead_frac is for the global batch.
+class RankGradNorm:
+    """This rank's own gradient norm per step under DDP, which the gradients after backward no longer show (DDP
+    has averaged them across the ranks by then): a comm hook adds each bucket's local sum of squares, on the
+    device, into the step's sum, then all-reduces the bucket as DDP's default hook does
+    (``default_hooks.allreduce_hook``: divide by the group's size, all_reduce SUM).
 
-    A unit is alive when any rank saw it active: the max of maxima and the min of minima decide. The set of
-    units is fixed at the first window (every rank must pass the same sizes to a collective); it is checked
-    once across ranks, and layers first seen later are reduced locally only.
-    """
+    Installed at the first step, after the first backward, so that a comm hook the user registered before
+    training is seen (DDP takes one hook only) and kept: then, for a model DDP does not wrap (FSDP, plain
+    models), and for compiled DDP's Python reducer, nothing is measured, said once. A comm hook cannot be removed:
+    after close() it only all-reduces."""
 
-    def __init__(self) -> None:
-        self.enabled = _initialized() and dist.get_world_size() > 1
-        self.frozen_units: int | None = None
+    def __init__(self, model: nn.Module) -> None:
+        self.model: nn.Module | None = model  # dropped once the hook is in (or cannot be)
+        self.closed = False
+        self._sum: torch.Tensor | None = None  # the step's sum of squares so far, a fresh tensor each step
 
-    def reduce(self, high: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """high/low: (total_units,) running max/min of every unit, all layers in discovery order."""
-        if not self.enabled:
-            return high, low
-        if self.frozen_units is None:
-            self.frozen_units = self._agree(high.numel())
-            if not self.enabled:
-                return high, low
-        n = self.frozen_units
-        both = torch.cat([high[:n], -low[:n]])
-        try:
-            dist.all_reduce(both, op=dist.ReduceOp.MAX)
-        except Exception as exc:  # a rank left the job (stopped early): this rank's own units from now on
-            self.enabled = False
-            log.warning("layerwatch: dead units could not be combined across ranks (%s); per rank from now on", exc)
-            return high, low
-        return torch.cat([both[:n], high[n:]]), torch.cat([-both[n:], low[n:]])
+    def take(self) -> torch.Tensor | None:
+        """The squared norm of this rank's gradients since the last call (0-d, on the device), None when no bucket
+        was all-reduced (before the hook is in, or micro-batches under ``no_sync``)."""
+        if self.model is not None:
+            model, self.model = self.model, None
+            try:
+                self._install(model)
+            except Exception:  # the rest of the monitoring goes on without them
+                log.exception("layerwatch: no per-rank gradient norms: the comm hook could not be registered")
+            return None
+        value, self._sum = self._sum, None
+        return value
 
-    def _agree(self, units: int) -> int:
-        # The one host synchronisation of a distributed run, at the end of its first window.
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        mine = torch.tensor([units], device=device)
-        low, high = mine.clone(), mine.clone()
-        dist.all_reduce(low, op=dist.ReduceOp.MIN)
-        dist.all_reduce(high, op=dist.ReduceOp.MAX)
-        if int(low) != int(high):
-            log.warning(
-                "layerwatch: ranks watch different layers (%d vs %d units); dead_frac stays per rank",
-                int(low),
-                int(high),
-            )
-            self.enabled = False
-        return units
+    def _install(self, model: nn.Module) -> None:
+        ddp = _ddp(model)
+        why = None
+        if ddp is None:
+            why = "the model is not wrapped in DistributedDataParallel (FSDP and others all-reduce no buckets)"
+        elif getattr(ddp, "_use_python_reducer", False):
+            why = "compiled DDP's Python reducer takes no bucket hook"
+        elif ddp._comm_hooks or ddp._get_ddp_logging_data().get("comm_hook"):
+            why = "the model has a comm hook of its own (DDP takes one)"
+        if why is not None:
+            log.info("layerwatch: no per-rank gradient norms (grad_norm_rank_max): %s", why)
+            return
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        assert ddp is not None
+        self._allreduce = default_hooks.allreduce_hook
+        ddp.register_comm_hook(ddp.process_group, self._hook)
+
+    # Not annotated: DDP compares the annotations with dist.GradBucket and Future, which postponed ones are not.
+    def _hook(self, state, bucket):
+        if not self.closed:
+            try:
+                square = stats.sum_of_squares(bucket.buffer())  # before the all_reduce: this rank's own
+                self._sum = square if self._sum is None else self._sum + square  # out of place: taken tensors stay
+            except Exception:  # never keep the gradients from being all-reduced
+                self.closed = True
+                log.exception("layerwatch: per-rank gradient norms stopped after an error")
+        return self._allreduce(state, bucket)
+
+
+def _ddp(model: nn.Module) -> DistributedDataParallel | None:
+    """The DistributedDataParallel among the wrappers ``model`` is (it, or inside torch.compile's)."""
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            return model
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if not isinstance(inner, nn.Module):
+            return None
+        model = inner
 
 
 def _dtensor_type() -> type | None:

@@ -219,7 +219,7 @@ class RankSum:
     """Sums the counts over the ranks of torch.distributed: one asynchronous all_reduce per histogram step (every
     rank takes the same steps). A collective needs the same size on every rank: the gradient rows are the same
     (one per parameter-owning module); the activation rows are agreed once, at the first histogram step (the one
-    host synchronisation, as :class:`layerwatch.distributed.UnitReducer` does), and layers first seen later, or
+    host synchronisation of a distributed run), and layers first seen later, or
     all of them when ranks disagree then, are counted on rank 0 alone."""
 
     def __init__(self) -> None:

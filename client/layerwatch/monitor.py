@@ -23,7 +23,7 @@ from layerwatch import __version__
 from layerwatch.alerts import Alert
 from layerwatch.batching import BatchBuilder
 from layerwatch.config import Config
-from layerwatch.distributed import ParamStats, UnitReducer, rank_and_world, run_key
+from layerwatch.distributed import ParamStats, RankGradNorm, rank_and_world, run_key
 from layerwatch.exporter import Exporter
 from layerwatch.histograms import Histograms, RankSum, Snapshot, owned_gradients
 from layerwatch.layers import let_compiled_code_see_hooks, select, unwrap
@@ -68,6 +68,7 @@ class Monitor:
         self._steps: list[StepMeta] = []
         self._step_tensors: list[torch.Tensor] = []
         self._dead: list[tuple[int, list[bool], torch.Tensor]] = []
+        self._activity: list[torch.Tensor] = []  # the windows' packed unit activity, for the ranks to OR
         self._failed = False
         self.run_id: str | None = None  # the collector's id of this run, once it has answered
         if self._closed:
@@ -91,7 +92,6 @@ class Monitor:
         self.recorder.histograms = self._histograms
         if self._histograms is not None and config.histogram_every_steps == 1:
             self._histograms.start()
-        self._reducer = UnitReducer()
         self.spool_dir = config.spool_dir / _safe(config.project) / _safe(self.run_key) / f"rank-{self.rank}"
         summary = {
             "model": type(inner).__name__,
@@ -123,9 +123,13 @@ class Monitor:
             {"index": i, "name": n, "shape": list(p.shape), "numel": p.numel()} for i, (n, p) in enumerate(self._params)
         ]
         online = config.mode == "online" and config.url is not None
-        self._combining = RankReducer.for_job(config.per_rank)  # rank 0 sends the job's rows (layerwatch.ranks)
+        # The ranks' collectives, on the exporter thread (layerwatch.ranks): dead units OR-ed; unless per_rank, rank
+        # 0 sends the job's rows, combined, with each rank's own gradient norm (a DDP comm hook measures it).
+        self._ranks = RankReducer.for_job()
+        self._combining = None if config.per_rank else self._ranks
+        self._rank_grad = RankGradNorm(model) if self._combining is not None else None
         self._exporter = Exporter(
-            BatchBuilder(header, params, on_uncounted_nonfinite=self._count_nonfinite, reducer=self._combining),
+            BatchBuilder(header, params, on_uncounted_nonfinite=self._count_nonfinite, reducer=self._ranks),
             Spool(self.spool_dir, int(config.spool_max_mb * 1024 * 1024)),
             transport=HttpTransport(config.url, config.token, config.timeout) if online else None,
             max_queued_batches=config.max_queued_batches,
@@ -187,6 +191,10 @@ class Monitor:
         if scale is not None:
             tensors.append(scale)
             meta.tensor_scalars.append("loss_scale")
+        own = self._rank_grad.take() if self._rank_grad is not None else None
+        if own is not None:
+            tensors.append(own.reshape(1))
+            meta.rank_grad = True
         self.recorder.end_step()
         self._tripwire.arm(number, self.recorder.step_sums(meta.calls), norms, values.get("loss"), scale)
         self._recorded += 1
@@ -218,15 +226,21 @@ class Monitor:
 
     def _close_window(self) -> None:
         self._window_pos = 0
-        dead, called = self.recorder.dead_fractions(self._reducer)
+        # Packed for the ranks to OR on the exporter thread; not the last partial window, which close() sends as is.
+        dead, words, called = self.recorder.dead_fractions(pack=self._ranks is not None and not self._closed)
         if dead is not None and self._steps:
             self._dead.append((len(self._steps) - 1, called, dead))
+            if words is not None:
+                self._activity.append(words)
 
     def _report(self, end: str | None = None) -> None:
         """Pack the interval into one buffer, start its copy to the host, hand it to the exporter."""
         raw = self.recorder.take_raw()
         self._param_stats.combine(self._steps, self._step_tensors)  # sharded parameters: across ranks
-        parts = ([raw] if raw is not None else []) + [d for _, _, d in self._dead] + self._step_tensors
+        # The run's last report starts no collective: its dead-unit windows are this rank's own.
+        shared = end is None and len(self._activity) == len(self._dead)
+        activity = self._activity if shared else []
+        parts = ([raw] if raw is not None else []) + [d for _, _, d in self._dead] + self._step_tensors + activity
         flat, ready = None, None
         if parts:
             device = parts[0].device
@@ -245,8 +259,10 @@ class Monitor:
                 end=end,
                 histograms=self._snapshots if self.rank == 0 else [],  # every rank holds the global counts
                 combine=self._combining is not None and end is None,  # the last partial interval: per rank
+                activity=[words.numel() for words in activity],
             )
         )
+        self._activity = []
         self._steps, self._step_tensors, self._dead, self._snapshots = [], [], [], []
 
     def _preview(self) -> None:
@@ -376,8 +392,7 @@ class Monitor:
         try:
             if not self._failed and self._window_pos:
                 # The last partial window per rank: a rank that stops early must not start a collective that
-                # the others, still training, would not match.
-                self._reducer.enabled = False
+                # the others, still training, would not match (the last report carries no activity to OR).
                 self._close_window()
             self._report(end=status)
         except Exception:
@@ -388,8 +403,10 @@ class Monitor:
             except Exception:
                 log.exception("layerwatch: could not remove every hook")
             self._exporter.close(self.config.flush_timeout)  # never raises
-            if self._combining is not None:
-                self._combining.release()
+            if self._rank_grad is not None:
+                self._rank_grad.closed = True  # the comm hook stays (DDP cannot remove one): all-reduce only
+            if self._ranks is not None:
+                self._ranks.release()
             self._dispatch_alerts_quietly()
 
     def _dispatch_alerts_quietly(self) -> None:

@@ -4,19 +4,25 @@ Each rank measures its share of the global batch. At a regular report, every ran
 (sums, squares, counts, extremes per layer and step) are combined (sums add, extremes extend, element counts
 add), and rank 0 alone sends the global rows: ``act_std`` is then the global batch's, and the rows a job
 stores do not grow with its world size. Per-rank detail stays where people ask it of wide jobs: per step the
-spread of the loss (``loss_min``, ``loss_max``, ``loss_argmax_rank``) and of the time between steps
-(``step_time_max``, ``step_time_argmax_rank``), each rank's mean of both per report (the batch's ``ranks``
-key), and the rank where the first NaN/Inf appeared. What travels does not grow with the world size but for
-those per-rank loss and step times (two numbers per step and rank).
+spread of the loss (``loss_min``, ``loss_max``, ``loss_argmax_rank``), of the time between steps
+(``step_time_max``, ``step_time_argmax_rank``) and of each rank's own gradient norm before DDP averages it
+(``grad_norm_rank_max``, ``grad_norm_argmax_rank``; see :class:`layerwatch.distributed.RankGradNorm`), each
+rank's mean of these per report (the batch's ``ranks`` key), and the rank where the first NaN/Inf appeared. What
+travels does not grow with the world size but for those per-rank numbers (three per step and rank).
+
+The dead-unit windows are OR-ed here too, in per-rank mode as well (``per_rank=True``): each rank packs the
+units its share made active (one bit per unit), and a unit is dead only if no rank's bit is set.
 
 The collectives run on the exporter thread, over a gloo group of its own, on host copies: the training thread
 never waits for it, the device streams never hold it, and it cannot interleave with the training's own
 collectives. The contract that keeps it from deadlocking (see docs/reference.md, "Distributed training"):
 regular reports come at the same recorded steps on every rank (steps are collective under DDP/FSDP); the
 tripwire sends a preview of one rank's rows, without a collective; ``close()`` sends its last partial interval
-per rank, without a collective. A report whose peers never come (a rank that stopped early) fails when the
-peer's process leaves, or after ``RANK_TIMEOUT``; then, as when the ranks' reports do not match (different
-layers, different steps), every rank sends its own rows from then on.
+per rank, without a collective (its dead-unit windows are the rank's own). A window's activity is OR-ed with one
+collective per window, in window order, which a per-rank report sent early (the tripwire, ``per_rank=True``) does
+not reorder. A report whose peers never come (a rank that stopped early) fails when the peer's process leaves, or
+after ``RANK_TIMEOUT``; then, as when the ranks' reports do not match (different layers, different steps), every
+rank sends its own rows from then on.
 """
 
 from __future__ import annotations
@@ -42,21 +48,23 @@ RANK_TIMEOUT = 30.0  # seconds a report's gather waits for the other ranks befor
 
 class RankReducer:
     """The report's collectives, on the exporter thread over a gloo group of its own: a layout check, then the
-    sums (one SUM all_reduce), the extremes (one MAX all_reduce) and the per-rank loss and step times (one small
-    all_gather) in flight together. Only the last grows with the world size: two floats per step and rank."""
+    sums (one SUM all_reduce), the extremes (one MAX all_reduce) and the per-rank loss, step times and gradient
+    norms (one small all_gather) in flight together. Only the last grows with the world size: three floats per
+    step and rank. Per dead-unit window a size check and one bitwise-OR all_reduce of its packed activity."""
 
     @classmethod
-    def for_job(cls, per_rank: bool) -> RankReducer | None:
-        """A reducer when torch.distributed is up with more than one rank and ``per_rank`` is off."""
-        if per_rank or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+    def for_job(cls) -> RankReducer | None:
+        """A reducer when torch.distributed is up with more than one rank."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
             return None
         return cls()
 
     def __init__(self, timeout: float = RANK_TIMEOUT) -> None:
-        # new_group is itself collective: every rank calls watch() with the same per_rank setting.
+        # new_group is itself collective: every rank calls watch().
         self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.enabled = True
+        self._said_units = False
 
     def release(self) -> None:
         """Shut the group down once this rank's reports are all out (close()), on the caller's thread: a gloo
@@ -97,6 +105,52 @@ class RankReducer:
             log.warning("layerwatch: the ranks' report could not be combined (%s); each rank sends its own rows", exc)
             return None
 
+    def any(self, bits: torch.Tensor, layout: str) -> torch.Tensor | None:
+        """The bitwise OR of every rank's ``bits`` (int32); None when their ``layout`` or sizes differ (that time: the
+        ranks watch other layers) or a peer does not come (from then on)."""
+        if not self.enabled:
+            return None
+        try:
+            key = zlib.crc32(layout.encode())
+            header = torch.tensor([key, -key, bits.numel(), -bits.numel()], dtype=torch.int64)
+            dist.all_reduce(header, op=dist.ReduceOp.MAX, group=self.group)
+            if header[0] != -header[1] or header[2] != -header[3]:
+                if not self._said_units:
+                    self._said_units = True
+                    log.warning("layerwatch: ranks watch different units; dead_frac is each rank's own while they do")
+                return None
+            bits = bits.clone()
+            dist.all_reduce(bits, op=dist.ReduceOp.BOR, group=self.group)
+            return bits
+        except Exception as exc:  # a peer left (stopped early) or timed out: never raise into the exporter
+            self.enabled = False
+            log.warning("layerwatch: dead units could not be combined across ranks (%s); each rank's own now", exc)
+            return None
+
+
+def reduce_windows(reducer: RankReducer, report: Report, values: list[float], words: torch.Tensor) -> None:
+    """Each dead-unit window of ``report`` for the ranks' global batch: its units' activity (``words``, this rank's,
+    packed) and its layers' calls OR-ed across the ranks, then ``dead_frac`` in ``values`` and the calls in
+    ``report.dead_windows`` replaced; a window that could not be OR-ed keeps this rank's own."""
+    n_layers = len(report.layers)
+    cursor = n_layers * len(report.steps) * stats.RAW_WIDTH if n_layers else 0
+    units = [layer["units"] for layer in report.layers]
+    offset = 0
+    for i, ((position, called), size) in enumerate(zip(report.dead_windows, report.activity, strict=True)):
+        mine = torch.cat([words[offset : offset + size], stats.pack_bits(torch.tensor(called, dtype=torch.bool))])
+        offset += size
+        width = len(called)
+        both = reducer.any(mine.to(torch.int32), repr(units[:width]))
+        if both is not None:
+            total = sum(units[:width])
+            active = stats.unpack_bits(both[:size], total).to(torch.float64)
+            bounds = torch.tensor([0, *units[:width]]).cumsum(0)
+            sums = torch.cat([active.new_zeros(1), active.cumsum(0)])[bounds]
+            alive = (sums[1:] - sums[:-1]).tolist()
+            values[cursor : cursor + width] = [1.0 - a / u for a, u in zip(alive, units[:width], strict=True)]
+            report.dead_windows[i] = (position, stats.unpack_bits(both[size:], width).tolist())
+        cursor += n_layers
+
 
 @dataclass
 class Part:
@@ -104,7 +158,8 @@ class Part:
 
     sums: torch.Tensor  # summed: the additive raw columns (layers x steps x 5), then elements (layers x steps)
     highs: torch.Tensor  # max-reduced: max, -min (layers x steps each), then world - rank where a sum was non-finite
-    ranks: torch.Tensor  # gathered: the loss per step, then the seconds since the step before
+    ranks: torch.Tensor  # gathered: per step the loss, then the seconds since the step before, then the rank's own
+    # gradient norm (NaN where not measured)
 
 
 _ADDITIVE = (stats.RAW_SUM, stats.RAW_SUMSQ, stats.RAW_FINITE, stats.RAW_NONZERO, stats.RAW_SAT)
@@ -132,16 +187,17 @@ def rank_part(
     low = torch.where(ran, -raw[..., stats.RAW_MIN], -math.inf)
     bad = torch.where(ran & ~torch.isfinite(raw[..., stats.RAW_SUM]), float(world - rank), 0.0)
     loss = [math.nan if s["loss"] is None else s["loss"] for s in steps]
+    grads = [math.nan if meta.rank_grad_norm is None else meta.rank_grad_norm for meta in report.steps]
     return Part(
         torch.cat([sums.reshape(-1), elements.reshape(-1)]),
         torch.cat([high.reshape(-1), low.reshape(-1), bad.reshape(-1)]),
-        torch.tensor(loss + times, dtype=torch.float64),
+        torch.tensor(loss + times + grads, dtype=torch.float64),
     )
 
 
 class Combined:
-    """The ranks' numbers of one report combined: global raw sums and element counts, per-step loss and step-time
-    spread, and per (layer, step) the first rank whose activations were non-finite."""
+    """The ranks' numbers of one report combined: global raw sums and element counts, per-step loss, step-time and
+    own-gradient-norm spread, and per (layer, step) the first rank whose activations were non-finite."""
 
     def __init__(self, report: Report, part: Part, world: int) -> None:
         n_layers, n_steps = len(report.layers), len(report.steps)
@@ -153,7 +209,8 @@ class Combined:
         self.raw = raw
         self.elements = part.sums[cells * len(_ADDITIVE) :].view(n_layers, n_steps)
         self.first_bad_rank = torch.where(highs[2] > 0, world - highs[2], -1.0).long()  # (layers, steps)
-        self.loss, self.step_time = part.ranks[:, :n_steps], part.ranks[:, n_steps:]  # (world, steps) each
+        per_step = part.ranks.view(world, 3, n_steps)
+        self.loss, self.step_time, self.grad_norm = per_step.unbind(1)  # (world, steps) each
 
     def apply(self, report: Report, values: list[float]) -> None:
         """Put the global sums into ``values`` and the global element counts and layer order into the steps."""
@@ -166,7 +223,8 @@ class Combined:
             meta.calls = StepCalls(order=order, elements={i: int(counts[i][position]) for i in order})
 
     def spread(self, steps: list[dict[str, Any]]) -> None:
-        """Per step: the loss as the ranks' mean, its spread and the rank of its largest; the slowest step time."""
+        """Per step: the loss as the ranks' mean, its spread and the rank of its largest; the slowest step time; the
+        largest of the ranks' own gradient norms and its rank (a non-finite one counts as the largest)."""
         for position, step in enumerate(steps):
             loss = self.loss[:, position]
             if not bool(loss.isnan().all()):
@@ -177,10 +235,19 @@ class Combined:
             took = self.step_time[:, position]
             if bool(took.isfinite().all()):
                 step["scalars"].update(step_time_max=took.max().item(), step_time_argmax_rank=float(took.argmax()))
+            norms = self.grad_norm[:, position]
+            if not bool(norms.isnan().all()):
+                worst = int(norms.nan_to_num(math.inf).argmax())  # NaN (a NaN gradient) above every number
+                step["scalars"].update(grad_norm_rank_max=norms[worst].item(), grad_norm_argmax_rank=float(worst))
 
     def ranks(self) -> dict[str, list[float | None]]:
-        """The batch's ``ranks`` key: each rank's mean loss and step time over the report (NaN-free means)."""
-        return {"loss_mean": _means(self.loss), "step_time_mean": _means(self.step_time)}
+        """The batch's ``ranks`` key: each rank's mean loss, step time and own gradient norm over the report (NaN-free
+        means)."""
+        return {
+            "loss_mean": _means(self.loss),
+            "step_time_mean": _means(self.step_time),
+            "grad_norm_mean": _means(self.grad_norm),
+        }
 
     def origin_rank(self, origin: dict[str, Any], layer_names: list[str], first_step: int) -> int:
         """The rank where ``origin`` (found in the global rows) first appeared."""
@@ -191,7 +258,9 @@ class Combined:
         if origin["pass"] == "loss":
             bad = ~torch.isfinite(self.loss[:, position])
             return int(bad.float().argmax()) if bool(bad.any()) else 0
-        return origin["rank"]  # gradients: DDP and FSDP make them the same on every rank
+        norms = self.grad_norm[:, position]  # gradients: the first rank whose own norm was not finite, if measured
+        bad = ~torch.isfinite(norms) & ~norms.isnan().all()
+        return int(bad.float().argmax()) if bool(bad.any()) else origin["rank"]
 
 
 def _means(per_rank: torch.Tensor) -> list[float | None]:

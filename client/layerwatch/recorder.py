@@ -394,12 +394,14 @@ class Recorder:
             self._sums_index = (key, index.to(column.device, non_blocking=True))
         return column.index_select(0, self._sums_index[1])
 
-    def dead_fractions(self, reducer) -> tuple[torch.Tensor | None, list[bool]]:
-        """End of a dead-unit window: per layer the share of units never active, then a fresh window."""
+    def dead_fractions(self, pack: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None, list[bool]]:
+        """End of a dead-unit window: per layer the share of units never active on this rank, with ``pack`` also
+        the units active here as :func:`stats.pack_bits` words (for the ranks to OR on the exporter thread: a
+        unit is dead only if no rank's share made it active); then a fresh window."""
         if self._high is None or self._low is None or not self.layers:
-            return None, []
+            return None, None, []
         total = self.layers[-1].unit_offset + self.layers[-1].units
-        high, low = reducer.reduce(self._high[:total], self._low[:total])
+        high, low = self._high[:total], self._low[:total]
         if self._segments is None:
             # Rebuilt only when the layout changes: an upload from a Python list would block the host.
             sizes = torch.tensor([layer.units for layer in self.layers])
@@ -408,6 +410,7 @@ class Recorder:
             self._positive_only = torch.repeat_interleave(positive, sizes).to(high.device)
             self._units = sizes.float().to(high.device)
         active = (high > self.eps) | (~self._positive_only & (low < -self.eps))
+        words = stats.pack_bits(active) if pack else None
         dead = torch.zeros(len(self.layers), device=high.device)
         dead.index_add_(0, self._segments, (~active).float())
         dead /= self._units
@@ -416,7 +419,7 @@ class Recorder:
         self._low.fill_(math.inf)
         for layer in self.layers:
             layer.called_in_window = False
-        return dead, called
+        return dead, words, called
 
 
 def unit_dim(spec: LayerSpec, shape: tuple[int, ...], previous: tuple[int, tuple[int, ...]] | None) -> int:

@@ -27,6 +27,8 @@ class StepMeta:
     full_params: bool = False  # all parameter statistics this step, or only gradient norms
     tensor_scalars: list[str] = field(default_factory=list)  # names of values packed on the device
     host_scalars: dict[str, float] = field(default_factory=dict)  # values given as Python numbers
+    rank_grad: bool = False  # this rank's own squared gradient norm follows the tensor scalars (DDP, combined ranks)
+    rank_grad_norm: float | None = None  # its square root, read from the buffer by translate()
 
 
 @dataclass
@@ -34,7 +36,8 @@ class Report:
     """What a report carries besides its numbers. Spans in the flat buffer, in order:
     raw activation sums (layers x steps x RAW_WIDTH), one dead_frac vector per window that ended
     (layers each), then per step its parameter block (PARAM_WIDTH x params on a full step, else the gradient
-    norms alone) and its tensor scalars."""
+    norms alone), its tensor scalars and this rank's own squared gradient norm (``rank_grad``); last, for each
+    ``activity`` entry, a window's units active on this rank, packed by :func:`stats.pack_bits`."""
 
     steps: list[StepMeta]
     layers: list[dict[str, Any]]
@@ -49,6 +52,9 @@ class Report:
     # This rank's interval so far, sent as a tripwire trips in a job whose ranks combine their reports: the
     # collector judges its rows but does not store them (the regular report carries the same steps, combined).
     preview: bool = False
+    # Words of each dead-unit window's packed unit activity, to be OR-ed across ranks (layerwatch.ranks); empty:
+    # the windows' dead_frac is this rank's own (no torch.distributed, the run's last report, a preview).
+    activity: list[int] = field(default_factory=list)
 
 
 def translate(report: Report, values: list[float], weight_norms: dict[int, float]) -> list[dict[str, Any]]:
@@ -91,6 +97,9 @@ def translate(report: Report, values: list[float], weight_norms: dict[int, float
         scalars = dict(meta.host_scalars)
         for name in meta.tensor_scalars:
             scalars[name] = values[cursor]
+            cursor += 1
+        if meta.rank_grad:
+            meta.rank_grad_norm = math.sqrt(values[cursor])
             cursor += 1
         lr = scalars.pop("lr", None)
         loss = scalars.pop("loss", None)

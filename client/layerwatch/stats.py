@@ -221,6 +221,34 @@ def grad_norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([t.to(_F32) for t in torch._foreach_norm(grads, 2)])
 
 
+def sum_of_squares(t: torch.Tensor) -> torch.Tensor:
+    """A 0-d float32 sum of the squares of ``t`` (a squared L2 norm, kept squared so that parts add up): a BLAS
+    dot on CPU for contiguous float32 (as :func:`grad_norms`), else a float32-accumulated norm, squared."""
+    flat = t.reshape(-1)
+    if flat.is_cpu and flat.dtype == _F32:
+        return torch.dot(flat, flat)
+    wide = flat.dtype.itemsize >= 4  # half and bfloat16 accumulate in float32
+    return torch.linalg.vector_norm(flat, dtype=None if wide else _F32).square().to(_F32)
+
+
+BITS_PER_WORD = 16  # mask bits packed in one float32 word: sums of distinct powers of two below 2**24 are exact
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask as (ceil(n / 16),) float32 words, bit i of word w holding mask[16 * w + i]: a 32nd the size of
+    one float per unit, and it travels in a report's float32 buffer as it is. On the mask's device, no host read."""
+    pad = -mask.numel() % BITS_PER_WORD
+    bits = torch.cat([mask, mask.new_zeros(pad)]) if pad else mask
+    shifts = torch.arange(BITS_PER_WORD, device=mask.device, dtype=torch.int32)
+    return (bits.view(-1, BITS_PER_WORD).to(torch.int32) << shifts).sum(1, dtype=torch.int32).to(_F32)
+
+
+def unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` bits of :func:`pack_bits`'s words (float or integer), as a bool mask."""
+    shifts = torch.arange(BITS_PER_WORD, device=words.device, dtype=torch.int64)
+    return ((words.to(torch.int64).unsqueeze(1) >> shifts) & 1).reshape(-1)[:n].bool()
+
+
 @torch.no_grad()
 def param_raw(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> torch.Tensor:
     """Raw per-parameter records, (PARAM_WIDTH * P,) float32, as blocks of P values each:

@@ -28,7 +28,8 @@ Version 1 layout::
                      "layers": [{"layer": str, "kind": "activation" | "gradient", "step": int,
                                  "counts": [int, ...], "nan": int}, ...]},
       "ranks": {"loss_mean": [float | None, ...],                    # optional; see layerwatch.ranks
-                "step_time_mean": [float | None, ...]},
+                "step_time_mean": [float | None, ...],
+                "grad_norm_mean": [float | None, ...]},
       "preview": bool,                                               # optional, default false; see below
       "report_ends": [int, ...],                                     # optional: in a batch joining several
     }                                                                # (layerwatch sync), each one's last step
@@ -40,8 +41,9 @@ per layer, the counts of its activations (``layer``: a watched layer's name) or 
 parameters its module owns (``layer``: the module's name) in the ``len(edges) + 1`` bins between ``edges``,
 measured at ``step`` (summed over ranks; only rank 0 sends it); NaNs are counted apart in ``nan``.
 ``ranks``: in a batch of rows combined across ranks (rank 0 sends them; see :mod:`layerwatch.ranks`), each
-rank's mean loss and mean seconds between steps over the batch's report, indexed by rank; those steps' ``scalars``
-then carry ``loss_min``, ``loss_max``, ``loss_argmax_rank``, ``step_time_max``, ``step_time_argmax_rank``.
+rank's mean loss, mean seconds between steps and mean own gradient norm (before DDP averages it) over the batch's
+report, indexed by rank; those steps' ``scalars`` then carry ``loss_min``, ``loss_max``, ``loss_argmax_rank``,
+``step_time_max``, ``step_time_argmax_rank``, and under DDP ``grad_norm_rank_max``, ``grad_norm_argmax_rank``.
 ``preview``: one rank's own steps of an interval so far, sent as its tripwire trips in a job whose ranks combine
 their reports: the collector judges them (alerts, ``nonfinite_origin``) and stores none; the combined batch does.
 

@@ -144,3 +144,22 @@ def test_per_unit_extremes_of_channel_units(shape):
     unit_dim = 1
     high, _ = stats.activation_raw(strided, unit_dim, 0.0, None, torch.empty(stats.RAW_WIDTH))
     assert torch.equal(high, strided.transpose(0, unit_dim).reshape(strided.shape[unit_dim], -1).amax(1))
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 1000])
+def test_unit_masks_pack_sixteen_to_a_float_word_and_back(n):
+    mask = torch.rand(n) > 0.5
+    mask[-1] = True  # the highest bit of a full word too
+    words = stats.pack_bits(mask)
+    assert words.dtype == torch.float32 and words.numel() == -(-n // stats.BITS_PER_WORD)
+    assert torch.equal(stats.unpack_bits(words, n), mask)
+    assert torch.equal(stats.unpack_bits(words.to(torch.int32), n), mask)  # as the ranks OR them
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_sum_of_squares_is_the_squared_norm(dtype):
+    t = torch.randn(3, 50).to(dtype)
+    want = t.double().square().sum().item()
+    got = stats.sum_of_squares(t)
+    assert got.dtype == torch.float32 and got.dim() == 0
+    assert got.item() == pytest.approx(want, rel=1e-5)

@@ -240,27 +240,14 @@ class Monitor:
         # The run's last report starts no collective: its dead-unit windows are this rank's own.
         shared = end is None and len(self._activity) == len(self._dead)
         activity = self._activity if shared else []
-        parts = ([raw] if raw is not None else []) + [d for _, _, d in self._dead] + self._step_tensors + activity
-        flat, ready = None, None
-        if parts:
-            device = parts[0].device
-            flat = torch.cat([p.to(device, non_blocking=True) for p in parts])
-            flat, ready = _to_host(flat)
-        layers = self.recorder.layers
-        self._exporter.submit(
-            Report(
-                steps=self._steps,
-                layers=[layer.describe() for layer in layers],
-                bounded=[layer.spec.sat is not None for layer in layers],
-                dead_windows=[(pos, called) for pos, called, _ in self._dead],
-                param_numel=self._param_numel,
-                flat=flat,
-                ready=ready,
-                end=end,
-                histograms=self._snapshots if self.rank == 0 else [],  # every rank holds the global counts
-                combine=self._combining is not None and end is None,  # the last partial interval: per rank
-                activity=[words.numel() for words in activity],
-            )
+        self._submit(
+            raw,
+            self._steps,
+            self._step_tensors + activity,
+            end=end,
+            histograms=self._snapshots if self.rank == 0 else [],  # every rank holds the global counts
+            combine=self._combining is not None and end is None,  # the last partial interval: per rank
+            activity=[words.numel() for words in activity],
         )
         self._activity = []
         self._steps, self._step_tensors, self._dead, self._snapshots = [], [], [], []
@@ -274,10 +261,17 @@ class Monitor:
         steps = [replace(meta) for meta in self._steps]  # the combined report rewrites its steps' calls
         tensors = list(self._step_tensors)
         self._param_stats.combine(steps, tensors, keep=True)
+        self._submit(raw, steps, tensors, preview=True)
+
+    def _submit(
+        self, raw: torch.Tensor | None, steps: list[StepMeta], tensors: list[torch.Tensor], **kind: Any
+    ) -> None:
+        """One report to the exporter: the raw sums, the dead-unit windows and the step tensors concatenated into
+        a new buffer (the recorder's go on) whose copy to the host starts now; ``kind`` are the Report's flags."""
         parts = ([raw] if raw is not None else []) + [d for _, _, d in self._dead] + tensors
         flat, ready = None, None
         if parts:
-            flat = torch.cat([p.to(parts[0].device, non_blocking=True) for p in parts])  # a copy: the buffers go on
+            flat = torch.cat([p.to(parts[0].device, non_blocking=True) for p in parts])
             flat, ready = _to_host(flat)
         layers = self.recorder.layers
         self._exporter.submit(
@@ -289,7 +283,7 @@ class Monitor:
                 param_numel=self._param_numel,
                 flat=flat,
                 ready=ready,
-                preview=True,
+                **kind,
             )
         )
 

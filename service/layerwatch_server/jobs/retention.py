@@ -221,16 +221,15 @@ def _retire(engine: Engine, upto: int, bucket: int) -> tuple[int, list[str]] | N
             return None
         old: list[str] = []
         for table, (kind, id_col, stats) in _SERIES.items():
-            for part in partitions.attached(conn, table):
-                if part.hi is not None and part.hi <= upto:
+            for part in partitions.attached(conn, table):  # the default partition last
+                if part.hi is None:
+                    conn.execute(
+                        text(_rollup_sql(part.name, kind, id_col, stats, "day < :upto")), {"b": bucket, "upto": upto}
+                    )
+                    conn.execute(text(f'DELETE FROM "{part.name}" WHERE day < :upto'), {"upto": upto})
+                elif part.hi <= upto:
                     conn.execute(text(_rollup_sql(part.name, kind, id_col, stats, "true")), {"b": bucket})
                     old.append(part.name)
-            default = partitions.default_partition(table)
-            if conn.scalar(text("SELECT to_regclass(:t)"), {"t": default}) is not None:
-                conn.execute(
-                    text(_rollup_sql(default, kind, id_col, stats, "day < :upto")), {"b": bucket, "upto": upto}
-                )
-                conn.execute(text(f'DELETE FROM "{default}" WHERE day < :upto'), {"upto": upto})
         conn.execute(
             text(_rollup_sql("step_stats", "step", None, wire.STEP_STATS, "time < :t")), {"b": bucket, "t": before}
         )

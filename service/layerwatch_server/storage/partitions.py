@@ -77,10 +77,6 @@ def attached(conn: Connection, table: str) -> list[Partition]:
     return sorted(out, key=lambda p: (p.lo is None, p.lo or 0))
 
 
-def default_partition(table: str) -> str:
-    return f"{table}_default"
-
-
 def ensure(engine: Engine, now_s: float, ahead: int = AHEAD_DAYS) -> list[str]:
     """Create the partitions of today and the ``ahead`` days after it that do not exist; returns their names.
 

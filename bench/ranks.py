@@ -69,7 +69,7 @@ def _worker(rank: int, world: int, port: int, spool: str, steps: int, per_rank: 
             part = Part(
                 torch.randn(cells * 6, dtype=torch.float64),  # additive raw columns and element counts
                 torch.randn(cells * 3, dtype=torch.float64),  # max, -min, first non-finite rank
-                torch.randn(2 * EVERY, dtype=torch.float64),  # loss and step time per step
+                torch.randn(3 * EVERY, dtype=torch.float64),  # loss, step time and own gradient norm per step
             )
             size = 8 * (part.sums.numel() + part.highs.numel() + part.ranks.numel())
             reducer = RankReducer()

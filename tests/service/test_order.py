@@ -206,3 +206,18 @@ def test_a_turn_that_failed_is_over_all_the_same():
 
     anyio.run(main)
     assert done == [1] and turns.waited_out == 0
+
+
+def test_a_predecessor_that_never_comes_leaves_nothing_behind():
+    """Behind several replicas a rank's batches are shared out: every other predecessor is another replica's. Each is
+    waited for once, and its turn forgotten (a long run would otherwise pile up one per batch)."""
+    turns = Turns(wait_s=0.01)
+
+    async def main() -> None:
+        for seq in range(1, 41, 2):
+            async with turns.turn("rank", seq, seq - 1):
+                pass
+
+    anyio.run(main)
+    rank = turns._ranks["rank"]
+    assert turns.waited_out == 20 and sorted(rank.arrived) == sorted(rank.ended) == list(range(1, 41, 2))

@@ -33,7 +33,6 @@ import anyio
 
 log = logging.getLogger("layerwatch_server")
 
-HEADER = "Layerwatch-Follows"
 WAIT_S = 2.0  # for a predecessor to arrive: a sender's batches in flight leave it milliseconds apart
 TURN_S = 60.0  # for an arrived predecessor to end its turn: only a bound, its write ends it long before
 _KEPT_TURNS = 256  # per rank: far more than a sender keeps in flight (sync allows 32)
@@ -144,6 +143,9 @@ class Turns:
             self.waiting -= 1
         if not ended.is_set():
             self.waited_out += 1
+            if not arrived.is_set() and rank.arrived.get(seq) is arrived:  # never came (lost, another replica's):
+                del rank.arrived[seq]  # its unset events go, which forget_old keeps (they would pile up)
+                rank.ended.pop(seq, None)
             log.info("batch %s of %r did not come within %.1f s: the batch after it goes on", seq, key, self.wait_s)
 
     def rank(self, key: Hashable) -> _Rank:

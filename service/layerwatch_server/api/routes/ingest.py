@@ -16,7 +16,6 @@ from fastapi.responses import JSONResponse
 from layerwatch import wire
 from layerwatch_server.api.deps import GrantDep, StateDep, authorize
 from layerwatch_server.api.errors import PayloadTooLarge, Unstorable, UnsupportedMedia
-from layerwatch_server.api.order import HEADER
 from layerwatch_server.api.schemas import IngestResponse, Problem
 from layerwatch_server.api.state import AppState
 from layerwatch_server.core.batch import Batch
@@ -70,7 +69,7 @@ async def ingest(request: Request, state: StateDep, grant: GrantDep) -> JSONResp
             batch = await to_thread.run_sync(_decode, body, media, encoding, limiter=state.ingest_limiter)
             authorize(grant, batch.run.project, "write")
             key = (batch.run.project, batch.run.key, batch.rank, batch.pid)
-            await arrival.after(key, batch.seq, _follows(request.headers.get(HEADER)))
+            await arrival.after(key, batch.seq, _follows(request.headers.get(wire.FOLLOWS_HEADER)))
             result = await to_thread.run_sync(_ingest, state, batch, limiter=state.ingest_limiter)
     return JSONResponse(result, status_code=202)
 

@@ -52,19 +52,17 @@ def convert(
     layers: Mapping[int, SeriesDef],
     stride: int = 1,
     window: int = 1,
-    after: int | None = None,
+    kept: Iterable[int] | None = None,
 ) -> Converted:
     """``steps``: step rows (step, time, loss, lr, grad_norm_total, scalars); ``*_rows[step]``: (id, stats);
-    ``after``: the step before ``steps`` (the cursor), whose window was sent already."""
+    ``kept``: the steps whose every statistic goes out at ``window`` (:func:`kept_steps`), None for all."""
     out = Converted()
-    prev = -1 if after is None else after
+    first = None if kept is None else set(kept)
     sparse_sent: dict[str, int] = {}  # sparse stat -> the window it last went out in (window > 1)
     for s in steps:
         step, ts = int(s["step"]), int(float(s["time"]) * 1000)
-        w, first = step // window, step // window != prev // window
-        prev = step
-        dense = step % stride == 0 and first  # first: kept_steps'
-
+        w = step // window
+        dense = step % stride == 0 and (first is None or step in first)
         sparse = SPARSE_STATS if window == 1 else frozenset(k for k in SPARSE_STATS if sparse_sent.get(k) != w)
         before = out.nonfinite_values
         if dense:

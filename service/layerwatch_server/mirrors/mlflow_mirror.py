@@ -144,7 +144,7 @@ class MlflowMirror:
                 engine, run.id, run.cursor, hi, (layers, params), (self._layer_columns, self._param_columns), kept
             )
             out = convert.convert(
-                steps, layer_rows, param_rows, budget, {d.id: d for d in layers}, self.config.stride, window, run.cursor
+                steps, layer_rows, param_rows, budget, {d.id: d for d in layers}, self.config.stride, window, kept
             )
             self.pace_window = max(self.pace_window, window)
             self._log_metrics(run.mlflow_run_id, out.metrics)

@@ -222,26 +222,23 @@ def gpt_diverge() -> Train:
     return gpt_lr_growth(0.04)()
 
 
-def mlp_lr_jump() -> Train:
-    """An MLP classifier healthy for 300 steps, then a learning rate 100x too high (a unit bug): diverges."""
+def mlp_classifier(sched: Callable[[int], float]) -> Train:
+    """An MLP classifier, SGD with momentum at ``sched(i)``: the divergences of a learning rate gone wrong."""
     manual_seed(0)
     model, (x, y) = mlp([32, 128, 128, 10]), teacher_task()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    return Train(model, opt, classifier(model, x, y, 64), sched=lambda i: 0.05 if i < 300 else 5.0)
+    return Train(model, opt, classifier(model, x, y, 64), sched=sched)
+
+
+def mlp_lr_jump() -> Train:
+    """An MLP classifier healthy for 300 steps, then a learning rate 100x too high (a unit bug): diverges."""
+    return mlp_classifier(lambda i: 0.05 if i < 300 else 5.0)
 
 
 def mlp_lr_growth(rate: float, start: int = 300) -> Callable[[], Train]:
     """The MLP classifier of ``mlp_lr_jump``, its learning rate growing by ``rate`` a step from ``start``: the
     loss climbs and falls back for hundreds of steps, and may reach a NaN late or never."""
-
-    def build() -> Train:
-        manual_seed(0)
-        model, (x, y) = mlp([32, 128, 128, 10]), teacher_task()
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        return Train(model, opt, classifier(model, x, y, 64),
-                     sched=lambda i: 0.05 if i < start else 0.05 * (1 + rate) ** (i - start))  # fmt: skip
-
-    return build
+    return lambda: mlp_classifier(lambda i: 0.05 if i < start else 0.05 * (1 + rate) ** (i - start))
 
 
 def rnn_blowup() -> Train:

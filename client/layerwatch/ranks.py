@@ -76,6 +76,14 @@ class RankReducer:
         except Exception:
             log.debug("layerwatch: the ranks' group could not be shut down", exc_info=True)
 
+    def _agree(self, layout: str, *sizes: int) -> bool:
+        """Whether every rank's ``layout`` (hashed) and ``sizes`` are this rank's: one MAX all_reduce of them and their
+        negations (equal on every rank exactly when the maximum is minus the minimum)."""
+        mine = [zlib.crc32(layout.encode()), *sizes]
+        header = torch.tensor(mine + [-n for n in mine], dtype=torch.int64)
+        dist.all_reduce(header, op=dist.ReduceOp.MAX, group=self.group)
+        return bool((header[: len(mine)] == -header[len(mine) :]).all())
+
     def combine(self, layout: str, mine: Part) -> Part | None:
         """Every rank's ``mine`` combined (``ranks`` gathered, (world, n)) when every rank's ``layout`` is this one's;
         else None, and every rank (all see the same layouts) sends its own rows from then on. None too when a peer
@@ -83,10 +91,7 @@ class RankReducer:
         if not self.enabled:
             return None
         try:
-            key, sizes = zlib.crc32(layout.encode()), (mine.sums.numel(), mine.highs.numel(), mine.ranks.numel())
-            header = torch.tensor([key, -key, *sizes, *(-n for n in sizes)], dtype=torch.int64)
-            dist.all_reduce(header, op=dist.ReduceOp.MAX, group=self.group)
-            if header[0] != -header[1] or any(header[2:5] != -header[5:]):
+            if not self._agree(layout, mine.sums.numel(), mine.highs.numel(), mine.ranks.numel()):
                 self.enabled = False
                 log.warning("layerwatch: ranks' reports differ (layers or steps); each rank sends its own rows now")
                 return None
@@ -111,10 +116,7 @@ class RankReducer:
         if not self.enabled:
             return None
         try:
-            key = zlib.crc32(layout.encode())
-            header = torch.tensor([key, -key, bits.numel(), -bits.numel()], dtype=torch.int64)
-            dist.all_reduce(header, op=dist.ReduceOp.MAX, group=self.group)
-            if header[0] != -header[1] or header[2] != -header[3]:
+            if not self._agree(layout, bits.numel()):
                 if not self._said_units:
                     self._said_units = True
                     log.warning("layerwatch: ranks watch different units; dead_frac is each rank's own while they do")

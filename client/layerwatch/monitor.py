@@ -238,8 +238,7 @@ class Monitor:
         raw = self.recorder.take_raw()
         self._param_stats.combine(self._steps, self._step_tensors)  # sharded parameters: across ranks
         # The run's last report starts no collective: its dead-unit windows are this rank's own.
-        shared = end is None and len(self._activity) == len(self._dead)
-        activity = self._activity if shared else []
+        activity = self._activity if end is None else []
         self._submit(
             raw,
             self._steps,
@@ -249,8 +248,7 @@ class Monitor:
             combine=self._combining is not None and end is None,  # the last partial interval: per rank
             activity=[words.numel() for words in activity],
         )
-        self._activity = []
-        self._steps, self._step_tensors, self._dead, self._snapshots = [], [], [], []
+        self._steps, self._step_tensors, self._dead, self._snapshots, self._activity = [], [], [], [], []
 
     def _preview(self) -> None:
         """This rank's steps of the interval so far, copied (its buffers and steps stay for the regular report), for

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import math
 import random
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -241,6 +244,22 @@ def test_loss_spike_rise_flags_a_sustained_rise_that_no_single_step_shows():
     assert not one_in_two.breaches("loss_spike")  # high and normal in turn: the sum grows too slowly
     slight = Harness(only("loss_spike")).feed(*(step(i, x) for i, x in enumerate(base + [2.15] * 30)))
     assert not slight.breaches("loss_spike")  # a sustained rise of 7.5%: significant, but no divergence to page
+
+
+def test_bench_replay_is_the_rules_own_cusum_and_lifecycle(monkeypatch):
+    """bench/replay.py, whose figures docs/alerts.md cites, reads ``S`` from the rule's memory and pages through the
+    lifecycle: on the rise above it sees what the service's path sees, step for step."""
+    spec = importlib.util.spec_from_file_location("bench_replay", Path(__file__).parents[2] / "bench" / "replay.py")
+    assert spec and spec.loader
+    replay = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, replay)  # its dataclass looks its module up there
+    spec.loader.exec_module(replay)
+    series = [2.0 + 0.05 * _noise(i) for i in range(100)] + [2.25, 2.3, 2.28, 2.35, 2.4, 2.45]
+    r = replay.replay(series)
+    h = Harness(only("loss_spike")).feed(*(step(i, x) for i, x in enumerate(series)))
+    assert r.pages == [h.alerts[("loss_spike", "")].step] == [104]
+    assert r.breaches == [(104, "rise"), (105, "rise")] and len(h.breaches("loss_spike")) == 2
+    assert r.alarms == [104] and r.top == r.top_gated == (h.mems[0]["loss_spike.cusum"], 105)
 
 
 def test_loss_spike_decreasing_loss_never_fires():

@@ -19,8 +19,8 @@ from typing import Any
 
 from sqlalchemy import Engine, select
 
-from layerwatch_server.storage import histograms
-from layerwatch_server.storage.models import AlertRow, Layer, Param, layer_stats, param_stats
+from layerwatch_server.storage import heatmap, histograms
+from layerwatch_server.storage.models import AlertRow, Layer, Param
 
 MAP_STATS = ("dead_frac", "log10 grad_norm", "sat_frac")
 # Where a rule's onset is marked: the panel of the statistic it judges (other layer rules: the first panel).
@@ -48,7 +48,9 @@ class HealthMap:
 
 
 def health_map(engine: Engine, run_id: str, *, rank: int = 0, columns: int = 200) -> HealthMap:
-    """The health map's numbers (what :func:`render_health_map` draws)."""
+    """The health map's numbers (what :func:`render_health_map` draws), bucketed by the database
+    (:mod:`layerwatch_server.storage.heatmap`): at most rows x columns values per panel are read, whatever the
+    run's length."""
     with engine.connect() as conn:
         layers = conn.execute(
             select(Layer.id, Layer.name).where(Layer.run_id == run_id).order_by(Layer.index, Layer.id)
@@ -56,60 +58,28 @@ def health_map(engine: Engine, run_id: str, *, rank: int = 0, columns: int = 200
         params = conn.execute(
             select(Param.id, Param.name).where(Param.run_id == run_id).order_by(Param.index, Param.id)
         ).all()
-        t = layer_stats.c
-        layer_rows = conn.execute(
-            select(t.layer_id, t.step, t.dead_frac, t.sat_frac).where(t.run_id == run_id, t.rank == rank)
-        ).all()
-        p = param_stats.c
-        param_rows = conn.execute(
-            select(p.param_id, p.step, p.grad_norm).where(p.run_id == run_id, p.rank == rank)
-        ).all()
+        modules: dict[str, int] = {}
+        module_of = {pid: modules.setdefault(_module(name), len(modules)) for pid, name in params}
+        buckets = heatmap.health_buckets(conn, run_id, rank, columns, module_of)
         alerts = conn.execute(
             select(AlertRow.rule, AlertRow.layer_key, AlertRow.step).where(
                 AlertRow.run_id == run_id, AlertRow.step.is_not(None)
             )
         ).all()
-    all_steps = sorted({r.step for r in layer_rows} | {r.step for r in param_rows})
-    if not all_steps:
+    if buckets is None:
         return HealthMap([], [Panel(stat, [], []) for stat in MAP_STATS])
-    first, last = all_steps[0], all_steps[-1]
-    width = max(1, min(columns, len(all_steps)))
-    span = (last - first + 1) / width
-
-    def column(step: int) -> int:
-        return min(width - 1, int((step - first) / span))
-
-    steps = [0] * width
-    for step in all_steps:
-        steps[column(step)] = step
+    cols = buckets.columns
+    width = cols.width
 
     def grid(rows: int) -> list[list[float | None]]:
         return [[None] * width for _ in range(rows)]
 
-    def worst(cells: list[list[float | None]], row: int, col: int, value: float | None) -> None:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return
-        current = cells[row][col]
-        cells[row][col] = value if current is None else max(current, value)
-
-    layer_row = {layer_id: i for i, (layer_id, _) in enumerate(layers)}
-    dead, sat = grid(len(layers)), grid(len(layers))
-    for r in layer_rows:
-        i, col = layer_row.get(r.layer_id), column(r.step)
-        if i is not None:
-            worst(dead, i, col, _number(r.dead_frac))
-            worst(sat, i, col, _number(r.sat_frac))
-    modules: dict[str, int] = {}
-    module_of = {pid: modules.setdefault(_module(name), len(modules)) for pid, name in params}
-    squares: dict[tuple[int, int], float] = {}
-    for r in param_rows:
-        norm = _number(r.grad_norm)
-        if norm is not None and r.param_id in module_of:
-            key = (module_of[r.param_id], r.step)
-            squares[key] = squares.get(key, 0.0) + norm * norm
-    grads = grid(len(modules))
-    for (row, step), total in squares.items():
-        worst(grads, row, column(step), math.log10(math.sqrt(total)) if total > 0 else None)
+    dead, sat, grads = grid(len(layers)), grid(len(layers)), grid(len(modules))
+    for i, (layer_id, _) in enumerate(layers):
+        for col in range(width):
+            dead[i][col], sat[i][col] = buckets.layers.get((layer_id, col), (None, None))
+    for (row, col), total in buckets.squares.items():  # log10 of the norm grows with the sum: the worst's is the
+        grads[row][col] = math.log10(math.sqrt(total))  # worst log
     for row in dead:  # dead_frac is measured at a window's end and holds for the window's steps before it
         later = None
         for col in range(width - 1, -1, -1):
@@ -122,9 +92,9 @@ def health_map(engine: Engine, run_id: str, *, rank: int = 0, columns: int = 200
     by_stat = {panel.stat: panel for panel in panels}
     for rule, key, step in alerts:  # each onset on the panel of the statistic its rule judges
         panel = by_stat[ONSET_PANEL.get(rule, "dead_frac")]
-        if key in panel.rows and first <= step <= last:
-            panel.onsets.append((panel.rows.index(key), column(step)))
-    return HealthMap(steps, panels)
+        if key in panel.rows and cols.first <= step <= cols.last:
+            panel.onsets.append((panel.rows.index(key), cols.of(step)))
+    return HealthMap(buckets.steps, panels)
 
 
 def render_health_map(data: HealthMap, title: str = "") -> bytes:
@@ -214,15 +184,6 @@ def _png(fig: Any) -> bytes:
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     _pyplot().close(fig)
     return buffer.getvalue()
-
-
-def _number(value: Any) -> float | None:
-    if value is None:
-        return None
-    try:
-        return float(value)  # SQLite keeps NaN as text (storage.base)
-    except (TypeError, ValueError):
-        return None
 
 
 def _module(param_name: str) -> str:

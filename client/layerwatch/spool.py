@@ -143,8 +143,18 @@ def _remove(segment: Path) -> None:
 
 
 def pending_records(directory: Path) -> int:
-    """How many readable records under ``directory`` (one spool) still wait for delivery."""
-    return sum(1 for seg in segments(directory) for _ in read_records(seg, _read_ack(seg)))
+    """How many readable records under ``directory`` (one spool) still wait for delivery.
+
+    Safe beside a live exporter: a segment it deletes (all delivered) between listing and reading counts 0.
+    """
+    return sum(_records_left(seg) for seg in segments(directory))
+
+
+def _records_left(segment: Path) -> int:
+    try:
+        return sum(1 for _ in read_records(segment, _read_ack(segment)))
+    except FileNotFoundError:
+        return 0
 
 
 def segments(directory: Path) -> list[Path]:

@@ -35,6 +35,16 @@ def test_records_come_back_in_order_and_ack_survives_a_new_instance(tmp_path):
     assert reopened.pending_bytes == 0
 
 
+def test_pending_records_counts_beside_an_exporter_that_deletes_delivered_segments(tmp_path, monkeypatch):
+    """`layerwatch sync` and the tests count a live spool: a segment deleted after the listing counts 0."""
+    queue = spool.Spool(tmp_path, max_bytes=1 << 20)
+    for i in range(3):
+        assert queue.append(f"record-{i}".encode())
+    listed = spool.segments(tmp_path)
+    monkeypatch.setattr(spool, "segments", lambda d: [tmp_path / f"{0:020d}-1{spool.SUFFIX}", *listed])
+    assert spool.pending_records(tmp_path) == 3
+
+
 def test_a_torn_tail_is_skipped_not_fatal(tmp_path, caplog):
     queue = spool.Spool(tmp_path, max_bytes=1 << 20)
     queue.append(b"whole")

@@ -148,6 +148,16 @@ def _ends(conn: Connection, run_id: str, rank: int) -> tuple[int, int] | None:
     return (min(lows), max(highs)) if lows else None
 
 
+def _unlisted(conn: Connection, run_id: str, listed: set[int]) -> bool:
+    """Whether the run has ``param_stats`` rows of a parameter id not ``listed`` (ingest writes none): its
+    distinct ids walked in the primary key, one index probe each."""
+    c = param_stats.c
+    ids = select(func.min(c.param_id).label("id")).where(c.run_id == run_id).cte("ids", recursive=True)
+    after = select(func.min(c.param_id)).where(c.run_id == run_id, c.param_id > ids.c.id).scalar_subquery()
+    ids = ids.union_all(select(after).where(ids.c.id.is_not(None)))
+    return any(i is not None and i not in listed for i in conn.scalars(select(ids.c.id)))
+
+
 def _count(conn: Connection, run_id: str, rank: int, columns: int) -> Columns | None:
     """The columns from the distinct steps of every row of ``rank`` (None without rows)."""
     t, p = layer_stats.c, param_stats.c
@@ -204,7 +214,10 @@ def _read(
         spec = column("param_id", Integer), column("module", Integer), column("shared", Integer)
         owners = values(*spec, name="modules", literal_binds=True)
         owners = owners.data([(pid, row, int(size[row] > 1)) for pid, row in module_of.items()]).cte("modules")
-        source = param_stats.outerjoin(owners, owners.c.param_id == p.param_id)
+        if _unlisted(conn, run_id, set(module_of)):  # their rows count as steps: every row is read
+            source = param_stats.outerjoin(owners, owners.c.param_id == p.param_id)
+        else:  # each parameter's rows by the primary key (SQLite would scan the list for every row)
+            source = owners.join(param_stats, owners.c.param_id == p.param_id)
         module, shared = owners.c.module, func.coalesce(owners.c.shared, 0)
     else:
         source, module, shared = param_stats, null(), literal(0)

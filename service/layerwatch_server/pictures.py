@@ -2,9 +2,10 @@
 
 The health map is three layers x steps heatmaps side by side: ``dead_frac`` and ``sat_frac`` per watched layer,
 and log10 of the gradient norm per parameter-owning module (the norm of all its parameters' gradients), rows in
-model (execution) order, steps bucketed into at most ``columns`` columns (a bucket shows its worst value: the
-largest fraction, the largest norm; grey: nothing measured, or a zero gradient), ``dead_frac`` filled over
-the window each value closes, alert onsets marked where their layer's row meets their step. The
+model (execution) order, steps bucketed into at most ``columns`` columns by the database
+(:mod:`layerwatch_server.storage.heatmap`: only the buckets are read, not the run's rows; a bucket shows its
+worst value: the largest fraction, the largest norm; grey: nothing measured, or a zero gradient), ``dead_frac``
+filled over the window each value closes, alert onsets marked where their layer's row meets their step. The
 distribution picture is one layer's histograms (``storage.histograms``) as bins x steps, each step's counts as
 shares of its elements on a log colour scale. Both are PNG bytes, drawn with matplotlib's Agg backend (a
 dependency of mlflow, which the collector depends on); nothing here runs on the ingest path.

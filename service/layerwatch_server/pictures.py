@@ -79,8 +79,8 @@ def health_map(engine: Engine, run_id: str, *, rank: int = 0, columns: int = 200
     for i, (layer_id, _) in enumerate(layers):
         for col in range(width):
             dead[i][col], sat[i][col] = buckets.layers.get((layer_id, col), (None, None))
-    for (row, col), total in buckets.squares.items():  # log10 of the norm grows with the sum: the worst's is the
-        grads[row][col] = math.log10(math.sqrt(total))  # worst log
+    for (row, col), total in buckets.squares.items():  # the largest sum of squares is the largest norm
+        grads[row][col] = math.log10(math.sqrt(total))
     for row in dead:  # dead_frac is measured at a window's end and holds for the window's steps before it
         later = None
         for col in range(width - 1, -1, -1):

@@ -17,6 +17,16 @@ from tests.scenarios.suite import Pager
 from tests.service.server import running_server
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """These models are tiny: a second torch thread only fights the collector for the CPU (25x slower on a
+    loaded 2-core machine). Restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def pager() -> Iterator[Pager]:
     """The collector's only notification channel: a webhook receiver in this process (a notification is a page)."""
